@@ -1,0 +1,7 @@
+"""Readers and writers."""
+
+from ._image import read_image
+from ._legacy_st import estimate_mpp, read_legacy_st
+from ._visium import read_visium
+
+__all__ = ["estimate_mpp", "read_image", "read_legacy_st", "read_visium"]

@@ -1,0 +1,77 @@
+"""Reading H&E images into (y, x, 3) uint8 arrays."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+@contextmanager
+def _allow_large_images():
+    """Raise Pillow's decompression-bomb limit for one read only (92-megapixel scans)."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def read_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
+    """Return ``image`` (a path or an array) as a ``(y, x, 3)`` uint8 RGB array.
+
+    Raises
+    ------
+    FileNotFoundError
+        The path does not exist.
+    ValueError
+        The file cannot be decoded as an image, or the array is not ``(y, x, 3|4)``.
+    """
+    if isinstance(image, np.ndarray):
+        arr = image
+    else:
+        path = Path(image)
+        if not path.exists():
+            msg = f"Image file {str(path)!r} does not exist; check the path."
+            raise FileNotFoundError(msg)
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with _allow_large_images(), Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            msg = f"Could not read image {str(path)!r} ({e}). Pass a JPEG/PNG/TIFF file or an RGB array."
+            raise ValueError(msg) from e
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        msg = f"Image must have shape (y, x, 3) (RGB), got {arr.shape}."
+        raise ValueError(msg)
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        a = np.asarray(arr, dtype=np.float64)
+        if not np.isfinite(a).all():
+            msg = "Image has non-finite values."
+            raise ValueError(msg)
+        a = a * 255.0 if a.max() <= 1.0 else a
+        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def downsample(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """Area-downsample a ``(y, x, 3)`` image so its long side is at most ``max_side``."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale >= 1.0:
+        return img, 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    with _allow_large_images():
+        small = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+    return small, size[0] / w
