@@ -1,1 +1,5 @@
-"""tl."""
+"""Tools: prediction, evaluation, active sampling, annotation, alignment."""
+
+from ._predict import predict_expression
+
+__all__ = ["predict_expression"]
