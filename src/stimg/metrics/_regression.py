@@ -91,7 +91,7 @@ def pearson(y_true, y_pred, *, groups: Sequence | None = None, var_names: Sequen
     1.0
     """
     yt, yp, g, names = _prepare(y_true, y_pred, groups, var_names)
-    slides = list(pd.unique(g))
+    slides = [str(s) for s in pd.unique(g)]
     per_gene = {}
     for s in slides:
         m = g == s
