@@ -68,7 +68,7 @@ class Section:
     def image_array(self):
         """The raw ``(c, y, x)`` array (numpy or dask) without xarray wrapping."""
         img = self.image
-        return getattr(img, "data", img)
+        return img if isinstance(img, np.ndarray) or img is None else img.data
 
 
 def _scalefactors(table: AnnData, lib: str) -> dict:

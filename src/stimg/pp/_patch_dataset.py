@@ -1,0 +1,107 @@
+"""Torch dataset of fixed physical-size patches around spots (imported lazily: needs torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .._logging import logger
+from .._spatial import Section
+
+
+class PatchDataset(Dataset):
+    """Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` pixels.
+
+    Item ``i`` is a ``(3, patch_px, patch_px)`` uint8 tensor for spot ``obs_index[i]`` of the
+    table (or whatever ``transform`` returns). Windows that reach past the image border are
+    padded with ``pad_value``. Images no larger than ``cache_bytes`` are read into memory once
+    per section (never once per patch); larger, dask-backed images are read window by window.
+    Works with :class:`torch.utils.data.DataLoader` workers.
+
+    Attributes
+    ----------
+    obs_index
+        Table row of each item.
+    obs_names
+        Spot names of each item.
+    centers
+        ``(n, 2)`` spot centres (x, y) in pixels of their section image.
+    window_px
+        Side of each item's crop in image pixels before resizing.
+    """
+
+    def __init__(
+        self,
+        sections: list[Section],
+        obs_names: np.ndarray,
+        *,
+        patch_um: float,
+        patch_px: int,
+        pad_value: int = 255,
+        stain: Callable[[np.ndarray], np.ndarray] | None = None,
+        transform: Callable[[torch.Tensor], Any] | None = None,
+        cache_bytes: float = 2e9,
+    ) -> None:
+        self.patch_um, self.patch_px, self.pad_value = float(patch_um), int(patch_px), int(pad_value)
+        self.stain, self.transform = stain, transform
+        self.library_ids = [s.library_id for s in sections]
+        self._images: list[Any] = []
+        budget = float(cache_bytes)
+        for s in sections:
+            arr = s.image_array()
+            nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
+            if not isinstance(arr, np.ndarray) and nbytes <= budget:
+                arr = np.asarray(arr)  # one read per section
+                budget -= nbytes
+            elif isinstance(arr, np.ndarray):
+                budget -= nbytes
+            else:
+                logger.info("%s: image of %.1f GB is read window by window", s.library_id, nbytes / 1e9)
+            self._images.append(arr)
+        self.obs_index = np.concatenate([s.obs_index for s in sections])
+        self.obs_names = np.asarray(obs_names)[self.obs_index]
+        self._section = np.concatenate([np.full(s.n_obs, k) for k, s in enumerate(sections)])
+        self.centers = np.concatenate([s.xy for s in sections]).astype(np.float64)
+        win = np.concatenate([np.full(s.n_obs, self.patch_um / s.mpp) for s in sections])
+        self.window_px = np.maximum(1, np.rint(win)).astype(int)
+        self.mpp = np.concatenate([np.full(s.n_obs, s.mpp) for s in sections])
+
+    def __len__(self) -> int:
+        return len(self.obs_index)
+
+    def window(self, i: int) -> tuple[int, int, int]:
+        """``(x0, y0, size)`` of item ``i``'s crop in image pixels."""
+        w = int(self.window_px[i])
+        cx, cy = self.centers[i]
+        return int(np.floor(cx - w / 2 + 0.5)), int(np.floor(cy - w / 2 + 0.5)), w
+
+    def crop(self, i: int) -> np.ndarray:
+        """Raw ``(w, w, 3)`` uint8 crop of item ``i`` at image resolution, border-padded."""
+        img = self._images[self._section[i]]
+        _, h, wid = img.shape
+        x0, y0, w = self.window(i)
+        out = np.full((w, w, 3), self.pad_value, dtype=np.uint8)
+        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, wid), min(y0 + w, h)
+        if xa < xb and ya < yb:
+            block = np.asarray(img[:, ya:yb, xa:xb])
+            out[ya - y0:yb - y0, xa - x0:xb - x0] = np.moveaxis(block, 0, -1)
+        return out
+
+    def patch(self, i: int) -> np.ndarray:
+        """``(patch_px, patch_px, 3)`` uint8 patch of item ``i`` (resized, stain-normalised)."""
+        from PIL import Image
+
+        crop = self.crop(i)
+        if crop.shape[0] != self.patch_px:
+            crop = np.asarray(Image.fromarray(crop).resize((self.patch_px, self.patch_px), Image.Resampling.BILINEAR))
+        if self.stain is not None:
+            crop = self.stain(crop)
+        return crop
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(self.patch(int(i)), -1, 0)))
+        return self.transform(x) if self.transform is not None else x
