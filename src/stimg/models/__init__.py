@@ -1,0 +1,32 @@
+"""Models (torch, scvi-tools): imported lazily by ``stimg`` and, name by name, here.
+
+Add a model by adding ``"Name": ".module"`` to ``_LAZY``; nothing heavy runs on import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY: dict[str, str] = {
+    # active sampling (issue 5)
+    "SamplingPolicy": "._sampling._policy",
+    "RewardWeights": "._sampling._rewards",
+    # single-cell priors (issue 5)
+    "SingleCellPrior": "._sc_prior",
+    "GeneEncoder": "._sc_prior",
+    "ScviGeneEncoder": "._sc_prior",
+    "PCAGeneEncoder": "._sc_prior",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
