@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -42,13 +42,20 @@ class PatchDataset(Dataset):
         patch_um: float,
         patch_px: int,
         pad_value: int = 255,
-        stain: Callable[[np.ndarray], np.ndarray] | None = None,
+        stain: Callable[[np.ndarray], np.ndarray] | Mapping[str, Callable] | None = None,
         transform: Callable[[torch.Tensor], Any] | None = None,
         cache_bytes: float = 2e9,
     ) -> None:
         self.patch_um, self.patch_px, self.pad_value = float(patch_um), int(patch_px), int(pad_value)
-        self.stain, self.transform = stain, transform
+        self.transform = transform
         self.library_ids = [s.library_id for s in sections]
+        if isinstance(stain, Mapping):
+            if missing := [lib for lib in self.library_ids if lib not in stain]:
+                msg = f"stain has no transform for sections {missing}; fit it on all sections used."
+                raise KeyError(msg)
+            self._stain = [stain[lib] for lib in self.library_ids]
+        else:
+            self._stain = [stain] * len(self.library_ids)
         self._images: list[Any] = []
         budget = float(cache_bytes)
         for s in sections:
@@ -98,8 +105,9 @@ class PatchDataset(Dataset):
         crop = self.crop(i)
         if crop.shape[0] != self.patch_px:
             crop = np.asarray(Image.fromarray(crop).resize((self.patch_px, self.patch_px), Image.Resampling.BILINEAR))
-        if self.stain is not None:
-            crop = self.stain(crop)
+        stain = self._stain[self._section[i]]
+        if stain is not None:
+            crop = stain(crop)
         return crop
 
     def __getitem__(self, i: int):

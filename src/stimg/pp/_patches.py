@@ -42,7 +42,7 @@ def extract_patches(
     image_key: str | dict | None = None,
     spot_diameter_um: float | None = None,
     pad_value: int = 255,
-    stain: Callable[[np.ndarray], np.ndarray] | None = None,
+    stain: Callable[[np.ndarray], np.ndarray] | dict | None = None,
     transform: Callable | None = None,
     cache_bytes: float = 2e9,
 ):
@@ -69,8 +69,8 @@ def extract_patches(
     pad_value
         Fill value for windows reaching past the image border (255: white glass).
     stain
-        Optional per-patch stain normaliser, ``(y, x, 3) uint8 → (y, x, 3) uint8``
-        (e.g. from :func:`stimg.pp.stain_normalize` with ``inplace=False``).
+        Optional per-patch stain normaliser, ``(y, x, 3) uint8 → (y, x, 3) uint8``, or a dict
+        of them per section (as returned by :func:`stimg.pp.stain_normalize` with ``inplace=False``).
     transform
         Applied to each ``(3, patch_px, patch_px)`` uint8 tensor.
     cache_bytes

@@ -1,0 +1,3 @@
+"""placeholder"""
+def tile_image(*a, **k):
+    raise NotImplementedError
