@@ -1,3 +1,213 @@
-"""placeholder"""
-def tile_image(*a, **k):
-    raise NotImplementedError
+"""Tile a slide without spots (H&E / WSI) into tissue tiles that behave like spots."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import INSTANCE_KEY, LIBRARY_KEY, REGION_KEY, SPATIAL_KEY, TABLE_KEY, TISSUE_KEY
+from .._logging import logger
+from .._spatial import is_spatialdata
+from .._validate import assert_key_in, check_fraction
+
+
+def _as_yxc(img: Any) -> np.ndarray:
+    """``(y, x, 3)`` uint8 view of an array given as ``(y, x, c)`` or ``(c, y, x)``."""
+    arr = img.data if hasattr(img, "dims") else img  # xarray → dask/numpy
+    if arr.ndim != 3:
+        msg = f"Expected an RGB image of 3 dimensions, got shape {tuple(arr.shape)}."
+        raise ValueError(msg)
+    if arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+        arr = arr[:3]
+        arr = np.moveaxis(np.asarray(arr), 0, -1)
+    else:
+        arr = np.asarray(arr)[..., :3]
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return arr
+
+
+def _sdata_image(sdata: Any, image_key: str | None) -> str:
+    from .._spatial import _scale0
+
+    if image_key is not None:
+        assert_key_in(sdata.images, image_key, where="sdata.images")
+        return image_key
+    if not len(sdata.images):
+        msg = "The SpatialData object has no image to tile."
+        raise KeyError(msg)
+    return max(sdata.images, key=lambda k: int(np.prod(_scale0(sdata.images[k]).shape[-2:])))
+
+
+def tile_image(
+    image: Any,
+    tile_um: float = 112.0,
+    *,
+    mpp: float,
+    min_tissue: float = 0.5,
+    stride_um: float | None = None,
+    image_key: str | None = None,
+    library_id: str = "tiles",
+    genes: Sequence[str] | None = None,
+    working_mpp: float = 4.0,
+    as_spatialdata: bool | None = None,
+):
+    """Cut a slide without spots into square tissue tiles that flow through :func:`~stimg.pp.embed` and prediction.
+
+    The image is covered by a grid of ``tile_um`` µm tiles (step ``stride_um``); tissue is detected
+    by Otsu thresholding of saturation (:func:`stimg.pp.tissue_mask`'s method) at ``working_mpp``
+    µm/px, and tiles with at least ``min_tissue`` tissue are kept. Each tile becomes a "spot" whose
+    centre is the tile centre and whose diameter is the tile side, so ``si.pp.embed(tiles,
+    patch_um=tile_um)`` embeds exactly the tile (STImage's use case: predicting expression on
+    TCGA slides).
+
+    Parameters
+    ----------
+    image
+        A ``(y, x, 3)`` or ``(3, y, x)`` uint8 array, a path to an image file, or a
+        :class:`~spatialdata.SpatialData` holding the image.
+    tile_um
+        Side of a tile in µm.
+    mpp
+        µm per pixel of the image (full resolution).
+    min_tissue
+        Minimum tissue fraction of a kept tile (0 keeps all tiles).
+    stride_um
+        Step between tile centres in µm; ``None`` gives non-overlapping tiles (``tile_um``).
+    image_key
+        Image element of a SpatialData input; ``None`` takes the largest.
+    library_id
+        Name of the tiled section (``obs['library_id']`` and, for SpatialData, the new shapes element).
+    genes
+        Gene names for the table's (empty, all-zero sparse) ``X``, so that a model's predictions for
+        these genes can be written by :func:`stimg.tl.predict_expression`.
+    working_mpp
+        Resolution of the tissue mask (µm/px).
+    as_spatialdata
+        Return SpatialData (image, circles inscribed in the tiles, table) instead of AnnData;
+        ``None``: SpatialData for SpatialData input, else AnnData.
+
+    Returns
+    -------
+    A new AnnData with ``obsm['spatial']`` (tile centres, full-resolution pixels),
+    ``obs['library_id']``, ``obs['array_row'/'array_col']`` (grid indices),
+    ``obs['tissue_coverage']``, ``uns['spatial'][library_id]`` (the full image under
+    ``'fullres'`` without a copy, a ``'hires'`` copy ≤ 2000 px, scale factors with
+    ``microns_per_pixel``) and ``uns['tile_image']['params']``; or a SpatialData with the image,
+    circles ``library_id`` and table ``'table'``.
+
+    Examples
+    --------
+    >>> import numpy as np, stimg as si
+    >>> img = np.full((1000, 1200, 3), 240, np.uint8)
+    >>> img[200:800, 300:900] = (180, 90, 160)  # "tissue"
+    >>> tiles = si.pp.tile_image(img, 112, mpp=0.5)
+    >>> tiles.n_obs, tiles.obsm["spatial"].shape[1]
+    (8, 2)
+    """
+    from ..io._convert import HIRES_MAX_SIDE
+    from ..io._image import downsample, read_image
+    from ._tissue import _coverage, mask_from_rgb
+
+    start = time.perf_counter()
+    for name, v in (("tile_um", tile_um), ("mpp", mpp), ("working_mpp", working_mpp)):
+        if v is None or not (np.isfinite(v) and v > 0):
+            msg = f"{name} must be a positive number, got {v!r}."
+            raise ValueError(msg)
+    if stride_um is not None and not (np.isfinite(stride_um) and stride_um > 0):
+        msg = f"stride_um must be a positive number of µm, got {stride_um!r}."
+        raise ValueError(msg)
+    check_fraction(min_tissue, "min_tissue")
+    sdata = image if is_spatialdata(image) else None
+    if sdata is not None:
+        from .._spatial import _scale0
+
+        image_key = _sdata_image(sdata, image_key)
+        elem = sdata.images[image_key]
+        img = _as_yxc(_scale0(elem))
+    elif isinstance(image, str | os.PathLike):
+        img = read_image(image)
+    else:
+        img = _as_yxc(np.asarray(image))
+    h, w = img.shape[:2]
+    tile_px = tile_um / mpp
+    step_px = (stride_um if stride_um is not None else tile_um) / mpp
+    if tile_px < 2 or tile_px > min(h, w):
+        msg = (f"A {tile_um} µm tile is {tile_px:.1f} px at {mpp} µm/px, but the image is {w}×{h} px; "
+               "check mpp and tile_um.")
+        raise ValueError(msg)
+    nx, ny = int(np.floor((w - tile_px) / step_px)) + 1, int(np.floor((h - tile_px) / step_px)) + 1
+    col, row = np.meshgrid(np.arange(nx), np.arange(ny))
+    col, row = col.ravel(), row.ravel()
+    xy = np.c_[tile_px / 2 + col * step_px, tile_px / 2 + row * step_px]
+    stride = max(1, int(round(working_mpp / mpp)))
+    small = img[::stride, ::stride]
+    mask, thr = mask_from_rgb(small)
+    cov = _coverage(mask, xy / stride, tile_px / 2 / stride, square=True)
+    keep = cov >= min_tissue
+    if not keep.any():
+        msg = (f"No tile has ≥ {min_tissue:.0%} tissue (best {cov.max():.0%}); lower min_tissue or check the image "
+               "and mpp.")
+        raise ValueError(msg)
+    xy, col, row, cov = xy[keep], col[keep], row[keep], cov[keep]
+    n = len(xy)
+    names = [f"{library_id}_{r}_{c}" for r, c in zip(row, col, strict=True)]
+
+    import anndata as ad
+    import scipy.sparse as sp
+
+    gene_names = pd.Index([] if genes is None else [str(g) for g in genes])
+    if gene_names.has_duplicates:
+        msg = "genes contains duplicates."
+        raise ValueError(msg)
+    obs = pd.DataFrame({LIBRARY_KEY: pd.Categorical([library_id] * n), "array_row": row, "array_col": col,
+                        TISSUE_KEY: cov}, index=pd.Index(names))
+    adata = ad.AnnData(X=sp.csr_matrix((n, len(gene_names)), dtype=np.float32), obs=obs,
+                       var=pd.DataFrame(index=gene_names))
+    adata.obsm[SPATIAL_KEY] = xy.astype(np.float64)
+    sf = {"microns_per_pixel": float(mpp), "spot_diameter_fullres": float(tile_px), "spot_diameter_um": float(tile_um)}
+    params = {"tile_um": float(tile_um), "stride_um": None if stride_um is None else float(stride_um), "mpp": float(mpp),
+              "min_tissue": float(min_tissue), "working_mpp": float(working_mpp), "otsu_saturation_threshold": thr,
+              "n_tiles_grid": int(nx * ny), "image_key": image_key}
+    adata.uns["tile_image"] = {"params": params}
+    to_sd = (sdata is not None) if as_spatialdata is None else bool(as_spatialdata)
+    logger.info("kept %d of %d tiles of %g µm with ≥ %g%% tissue (%.1fs)", n, nx * ny, tile_um, 100 * min_tissue,
+                time.perf_counter() - start)
+    if not to_sd:
+        hires, scalef = downsample(img, HIRES_MAX_SIDE)
+        adata.uns[SPATIAL_KEY] = {library_id: {"images": {"fullres": img, "hires": hires},
+                                               "scalefactors": {**sf, "tissue_hires_scalef": float(scalef)},
+                                               "metadata": {"source": "stimg.pp.tile_image"}}}
+        return adata
+
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, get_transformation
+
+    if sdata is not None:
+        img_elem = sdata.images[image_key]
+        trans = get_transformation(img_elem, get_all=True)
+        if hasattr(img_elem, "dims"):
+            base_t = trans
+        else:  # multiscale: the scale-0 transformations
+            base_t = get_transformation(_scale0(img_elem), get_all=True)
+        base_t = {k: v for k, v in base_t.items()} or {library_id: Identity()}
+    else:
+        image_key = f"{library_id}_full_image"
+        base_t = {library_id: Identity(), "global": Identity()}
+        img_elem = Image2DModel.parse(np.moveaxis(img, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                                      transformations=dict(base_t), chunks=(3, 4096, 4096))
+    shapes = ShapesModel.parse(xy, geometry=0, radius=np.full(n, tile_px / 2.0), index=pd.RangeIndex(n),
+                               transformations=dict(base_t))
+    adata.obs[REGION_KEY] = pd.Categorical([library_id] * n)
+    adata.obs[INSTANCE_KEY] = np.arange(n)
+    adata.uns[SPATIAL_KEY] = {library_id: {"scalefactors": sf, "metadata": {"source": "stimg.pp.tile_image"}}}
+    table = TableModel.parse(adata, region=library_id, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    return SpatialData(images={image_key: img_elem}, shapes={library_id: shapes}, tables={TABLE_KEY: table})
