@@ -1,0 +1,278 @@
+"""Baseline selection rules for active sampling: random, grid, k-means, diversity, uncertainty.
+
+Each returns the chosen spot indices (into the candidate arrays) in selection order, never
+one of ``exclude``; only :func:`uncertainty_select` needs torch (imported lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+
+@contextmanager
+def torch_threads(n_obs: int, *, small: int = 50_000) -> Iterator[None]:
+    """Run tiny torch models single-threaded (thread start-up dominates and cores are often shared)."""
+    import torch
+
+    old = torch.get_num_threads()
+    if n_obs < small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _free(n: int, exclude: np.ndarray | None) -> np.ndarray:
+    ok = np.ones(n, dtype=bool)
+    if exclude is not None:
+        ok[np.asarray(exclude, dtype=np.int64)] = False
+    return ok
+
+
+def random_select(n: int, budget: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None) -> np.ndarray:
+    """``budget`` spots uniformly at random."""
+    free = np.flatnonzero(_free(n, exclude))
+    return rng.choice(free, size=min(budget, free.size), replace=False)
+
+
+def _standardise_pca(x: np.ndarray, n_comps: int, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    x = np.asarray(x, dtype=np.float32)
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    k = min(n_comps, x.shape[1], max(x.shape[0] - 1, 1))
+    if k >= x.shape[1]:
+        return x
+    return PCA(k, random_state=seed, svd_solver="randomized").fit_transform(x).astype(np.float32)
+
+
+def _nearest_unique(x: np.ndarray, centres: np.ndarray, candidates: np.ndarray) -> list[int]:
+    """For each centre, the nearest candidate not already taken."""
+    tree = cKDTree(x[candidates])
+    taken: set[int] = set()
+    out = []
+    kk = min(len(candidates), 16)
+    for c in centres:
+        _, nn = tree.query(c, k=kk)
+        nn = np.atleast_1d(nn)
+        j = next((int(candidates[i]) for i in nn if int(candidates[i]) not in taken), None)
+        if j is None:  # crowded: scan everything
+            d = ((x[candidates] - c) ** 2).sum(1)
+            j = next(int(candidates[i]) for i in np.argsort(d) if int(candidates[i]) not in taken)
+        taken.add(j)
+        out.append(j)
+    return out
+
+
+def kmeans_select(emb: np.ndarray, budget: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None,
+                  n_comps: int = 50) -> np.ndarray:
+    """k-means (``budget`` clusters) on standardised PCA image embeddings; the spot nearest each centroid."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    free = np.flatnonzero(_free(len(emb), exclude))
+    budget = min(budget, free.size)
+    if budget == 0:
+        return np.array([], dtype=np.int64)
+    x = _standardise_pca(emb, n_comps, int(rng.integers(2**31)))
+    seed = int(rng.integers(2**31))
+    km = (KMeans(budget, n_init=1, random_state=seed) if free.size <= 20_000
+          else MiniBatchKMeans(budget, n_init=1, random_state=seed, batch_size=4096))
+    km.fit(x[free])
+    return np.asarray(_nearest_unique(x, km.cluster_centers_, free), dtype=np.int64)
+
+
+def grid_select(xy: np.ndarray, groups: np.ndarray, budget: int, rng: np.random.Generator, *,
+                exclude: np.ndarray | None = None) -> np.ndarray:
+    """Spatially uniform: per section, a square lattice (random offset) sized to the section's share.
+
+    The lattice spacing is bisected so that about the section's share of the budget lattice
+    cells hold a spot; the spot nearest each occupied cell centre is taken; any shortfall is
+    filled at random and any excess dropped at random.
+    """
+    xy = np.asarray(xy, dtype=np.float64)
+    g = np.asarray(groups)
+    ok = _free(len(xy), exclude)
+    free_all = np.flatnonzero(ok)
+    budget = min(budget, free_all.size)
+    secs = np.unique(g[free_all])
+    sizes = np.array([(g[free_all] == s).sum() for s in secs])
+    share = _largest_remainder(budget, sizes)
+    out: list[int] = []
+    for s, b in zip(secs, share, strict=True):
+        if b == 0:
+            continue
+        cand = free_all[g[free_all] == s]
+        p = xy[cand]
+        lo, hi = p.min(0), p.max(0)
+        off = rng.uniform(0, 1, size=2)
+
+        def cells(h: float, p=p, lo=lo, off=off) -> dict:
+            key = np.floor((p - lo) / h + off).astype(np.int64)
+            centre = (key + 0.5 - off) * h + lo
+            d = ((p - centre) ** 2).sum(1)
+            order = np.lexsort((d, key[:, 1], key[:, 0]))
+            k = key[order]
+            first = np.r_[True, (k[1:] != k[:-1]).any(1)]
+            return order[first]
+
+        span = float(max((hi - lo).max(), 1e-9))
+        a, bb = span / 1e4, span * 2
+        picked = cells(bb)
+        for _ in range(40):
+            mid = np.sqrt(a * bb)
+            c = cells(mid)
+            if len(c) >= b:
+                a, picked = mid, c
+            else:
+                bb = mid
+        if len(picked) < b:
+            picked = cells(a)
+        chosen = cand[picked]
+        if len(chosen) > b:
+            chosen = rng.choice(chosen, size=b, replace=False)
+        elif len(chosen) < b:
+            rest = np.setdiff1d(cand, chosen)
+            chosen = np.r_[chosen, rng.choice(rest, size=b - len(chosen), replace=False)]
+        out.extend(int(i) for i in chosen)
+    return np.asarray(out, dtype=np.int64)
+
+
+def _largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
+    sizes = np.asarray(sizes, dtype=np.float64)
+    q = total * sizes / max(sizes.sum(), 1)
+    base = np.floor(q).astype(np.int64)
+    base = np.minimum(base, sizes.astype(np.int64))
+    for i in np.argsort(-(q - base)):
+        if base.sum() >= total:
+            break
+        if base[i] < sizes[i]:
+            base[i] += 1
+    return base
+
+
+def diversity_select(emb: np.ndarray, budget: int, rng: np.random.Generator, *,
+                     exclude: np.ndarray | None = None, n_comps: int = 128) -> np.ndarray:
+    """Diversity sampling (Zhdanov 2019, as in SCR²-ST): PCA-128, DBSCAN, k-means fallback, uniform per cluster.
+
+    Features are standardised and reduced to ``n_comps`` PCs; DBSCAN (``eps`` = median
+    distance to the 5th neighbour) clusters them; if it finds fewer than ``√N / 5`` clusters,
+    k-means with ``⌈√N / 5⌉`` clusters replaces it. Spots are then drawn round-robin, one per
+    cluster at a time in random order (DBSCAN noise forms its own group).
+    """
+    from sklearn.cluster import DBSCAN, KMeans, MiniBatchKMeans
+
+    free = np.flatnonzero(_free(len(emb), exclude))
+    budget = min(budget, free.size)
+    if budget == 0:
+        return np.array([], dtype=np.int64)
+    x = _standardise_pca(emb, n_comps, int(rng.integers(2**31)))[free]
+    n = len(free)
+    min_clusters = max(1, int(np.ceil(np.sqrt(n) / 5)))
+    labels = None
+    if n <= 20_000:  # DBSCAN's neighbourhoods are costly beyond that
+        d5, _ = cKDTree(x).query(x, k=min(6, n))
+        eps = float(np.median(np.atleast_2d(d5)[:, -1])) or 1e-6
+        lab = DBSCAN(eps=eps, min_samples=5).fit_predict(x)
+        if len(set(lab[lab >= 0])) >= min_clusters:
+            labels = lab
+    if labels is None:
+        seed = int(rng.integers(2**31))
+        km = (KMeans(min_clusters, n_init=1, random_state=seed) if n <= 20_000
+              else MiniBatchKMeans(min_clusters, n_init=1, random_state=seed, batch_size=4096))
+        labels = km.fit_predict(x)
+    pools = [rng.permutation(free[labels == c]).tolist() for c in rng.permutation(np.unique(labels))]
+    out: list[int] = []
+    while len(out) < budget:
+        for pool in pools:
+            if pool and len(out) < budget:
+                out.append(pool.pop())
+    return np.asarray(out, dtype=np.int64)
+
+
+def uncertainty_select(emb: np.ndarray, targets: Callable[[np.ndarray], np.ndarray], budget: int,
+                       rng: np.random.Generator, *, exclude: np.ndarray | None = None, n_rounds: int = 5,
+                       dropout: float = 0.1, n_passes: int = 20, n_hidden: int = 256, epochs: int = 100,
+                       on_round: Callable[[int, np.ndarray], None] | None = None) -> list[np.ndarray]:
+    """MC-dropout uncertainty sampling (Safaei et al. 2024, as in SCR²-ST).
+
+    Rounds: the first is random; then a small MLP (embedding → ``n_hidden`` → dropout
+    ``p`` → genes) is trained on the revealed spots' targets, ``n_passes`` stochastic forward
+    passes score each unsampled spot by the mean per-gene variance, and the top spots are
+    taken.
+
+    Parameters
+    ----------
+    targets
+        ``targets(idx) -> (len(idx), g)`` revealed expression (log1p) of spots ``idx``.
+
+    Returns
+    -------
+    One index array per round.
+    """
+    import torch
+
+    n = len(emb)
+    x = np.asarray(emb, dtype=np.float32)
+    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+    xt = torch.as_tensor(x)
+    taken = _free(n, exclude)
+    taken = ~taken
+    sizes = _round_sizes(budget, n_rounds)
+    torch.manual_seed(int(rng.integers(2**31)))
+    rounds: list[np.ndarray] = []
+    revealed: list[int] = list(np.flatnonzero(taken))
+    with torch_threads(n):
+        for r, k in enumerate(sizes):
+            _uncertainty_round(r, k, taken, revealed, rounds, x, xt, targets, rng, dropout, n_passes, n_hidden,
+                               epochs, on_round)
+    return rounds
+
+
+def _uncertainty_round(r, k, taken, revealed, rounds, x, xt, targets, rng, dropout, n_passes, n_hidden, epochs,
+                       on_round) -> None:
+    import torch
+    from torch import nn
+
+    free = np.flatnonzero(~taken)
+    k = min(k, free.size)
+    if k == 0:
+        return
+    if len(revealed) < 2:
+        pick = rng.choice(free, size=k, replace=False)
+    else:
+        idx = np.asarray(revealed, dtype=np.int64)
+        y = torch.as_tensor(np.asarray(targets(idx), dtype=np.float32))
+        mu, sd = y.mean(0), y.std(0).clamp_min(1e-3)
+        net = nn.Sequential(nn.Linear(x.shape[1], n_hidden), nn.ReLU(), nn.Dropout(dropout),
+                            nn.Linear(n_hidden, y.shape[1]))
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+        yy, xx = (y - mu) / sd, xt[idx]
+        net.train()
+        for _ in range(epochs):
+            opt.zero_grad()
+            loss = ((net(xx) - yy) ** 2).mean()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():  # dropout stays on (train mode) for MC sampling
+            score = np.zeros(free.size)
+            for start in range(0, free.size, 65536):
+                xb = xt[free[start:start + 65536]]
+                preds = torch.stack([net(xb) for _ in range(n_passes)])
+                score[start:start + len(xb)] = preds.var(0).mean(1).numpy()
+        pick = free[np.argsort(-score, kind="stable")[:k]]
+    taken[pick] = True
+    revealed.extend(int(i) for i in pick)
+    rounds.append(np.asarray(pick, dtype=np.int64))
+    if on_round is not None:
+        on_round(r, pick)
+
+
+
+def _round_sizes(budget: int, n_rounds: int) -> list[int]:
+    n_rounds = max(1, min(int(n_rounds), int(budget))) if budget > 0 else 1
+    return [len(a) for a in np.array_split(np.arange(budget), n_rounds)]

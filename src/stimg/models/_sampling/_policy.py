@@ -1,0 +1,170 @@
+"""The SCRL policy network π(e) = W2·ReLU(W1·e) with a REINFORCE update (SCR²-ST §2.2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class SamplingPolicy(nn.Module):
+    """Scores spots from their image embeddings; samples k spots per round without replacement.
+
+    ``π(e) = W2·ReLU(W1·e)`` (``n_hidden`` = 128 as in SCR²-ST); a softmax over the
+    unsampled spots gives the selection probabilities. A round of ``k`` spots is drawn
+    sequentially without replacement (Plackett–Luce, via the Gumbel top-k trick), and
+    :meth:`log_prob` is the exact log-probability of that ordered draw, so the REINFORCE
+    update (:meth:`reinforce`) follows the gradient of the log-probability of the sampled
+    set — with a running-mean baseline and running reward normalisation (the reference code
+    multiplied raw scores, with no baseline).
+
+    Parameters
+    ----------
+    n_input
+        Width of the image embedding.
+    n_hidden
+        Hidden units.
+    lr
+        Adam learning rate.
+    baseline_momentum
+        Momentum of the running mean/variance of rewards.
+    seed
+        Seed for weight initialisation and sampling.
+
+    Examples
+    --------
+    >>> import numpy as np, stimg as si
+    >>> policy = si.models.SamplingPolicy(8, seed=0)
+    >>> emb = np.random.default_rng(0).normal(size=(100, 8)).astype("float32")
+    >>> picked = policy.sample(emb, np.ones(100, bool), k=5)
+    >>> len(set(picked.tolist()))
+    5
+    """
+
+    def __init__(self, n_input: int, n_hidden: int = 128, *, lr: float = 1e-3,
+                 baseline_momentum: float = 0.9, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(int(seed))
+        self.net = nn.Sequential(nn.Linear(n_input, n_hidden), nn.ReLU(), nn.Linear(n_hidden, 1))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=gen) / np.sqrt(max(p.shape[-1], 1)))
+        self.n_input, self.n_hidden, self.lr = int(n_input), int(n_hidden), float(lr)
+        self.momentum = float(baseline_momentum)
+        self.baseline, self.reward_var, self.n_updates = 0.0, 1.0, 0
+        self._gen = gen
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """Scores ``π(e)``, shape ``(n,)``."""
+        return self.net(emb).squeeze(-1)
+
+    @staticmethod
+    def _tensor(emb) -> torch.Tensor:
+        return emb if isinstance(emb, torch.Tensor) else torch.as_tensor(np.asarray(emb, dtype=np.float32))
+
+    @torch.no_grad()
+    def scores(self, emb) -> np.ndarray:
+        """Policy scores of every spot."""
+        return self(self._tensor(emb)).numpy()
+
+    @torch.no_grad()
+    def probabilities(self, emb, available: np.ndarray) -> np.ndarray:
+        """Softmax selection probabilities over ``available`` spots (0 elsewhere)."""
+        s = self(self._tensor(emb))
+        s = torch.where(torch.as_tensor(available), s, torch.tensor(-torch.inf))
+        return torch.softmax(s, 0).numpy()
+
+    @torch.no_grad()
+    def sample(self, emb, available: np.ndarray, k: int, *, greedy: bool = False) -> np.ndarray:
+        """Draw ``k`` available spots without replacement, in draw order (Gumbel top-k)."""
+        s = self(self._tensor(emb))
+        avail = torch.as_tensor(np.asarray(available, dtype=bool))
+        k = int(min(k, int(avail.sum())))
+        if not greedy:
+            u = torch.rand(s.shape, generator=self._gen).clamp_(1e-12, 1 - 1e-12)
+            s = s - torch.log(-torch.log(u))
+        s = torch.where(avail, s, torch.tensor(-torch.inf))
+        return torch.topk(s, k).indices.numpy()
+
+    def log_prob(self, emb, available: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
+        """Log-probability of drawing ``chosen`` (in order) without replacement from ``available``.
+
+        ``Σ_j [s_{c_j} − log Σ_{i ∈ U \\ {c_<j}} exp s_i]`` (Plackett–Luce), vectorised:
+        the remaining mass after each draw is the total minus a cumulative sum.
+        """
+        return self._log_prob(self(self._tensor(emb)), torch.as_tensor(np.asarray(available, dtype=bool)), chosen)
+
+    @staticmethod
+    def _log_prob(s: torch.Tensor, avail: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
+        chosen_t = torch.as_tensor(np.asarray(chosen, dtype=np.int64))
+        s_av = s[avail]
+        m = s_av.max().detach()
+        z = torch.exp(s_av - m).sum()
+        e_c = torch.exp(s[chosen_t] - m)
+        removed = torch.cumsum(e_c, 0) - e_c  # mass drawn before each pick
+        remaining = (z - removed).clamp_min(1e-30)
+        return (s[chosen_t] - m - torch.log(remaining)).sum()
+
+    def normalise(self, rewards: np.ndarray) -> np.ndarray:
+        """Advantages: (reward − running mean) / running sd; then update the running stats."""
+        r = np.asarray(rewards, dtype=np.float64)
+        if self.n_updates == 0:
+            self.baseline = float(r.mean())
+            self.reward_var = float(r.var()) if r.size > 1 else 1.0
+        adv = (r - self.baseline) / np.sqrt(self.reward_var + 1e-8)
+        mu = self.momentum
+        self.baseline = mu * self.baseline + (1 - mu) * float(r.mean())
+        self.reward_var = mu * self.reward_var + (1 - mu) * float(((r - self.baseline) ** 2).mean())
+        self.n_updates += 1
+        return adv
+
+    def reinforce(self, emb, available: np.ndarray, draws: list[np.ndarray], rewards: np.ndarray,
+                  *, n_steps: int = 1) -> float:
+        """REINFORCE: ascend ``Σ_m A_m ∇ log π(S_m)`` with advantages from :meth:`normalise`.
+
+        Parameters
+        ----------
+        emb
+            ``(n, d)`` embeddings of all spots.
+        available
+            Spots that were available when ``draws`` were drawn.
+        draws
+            Index arrays, each one draw (in order).
+        rewards
+            One reward per draw.
+        n_steps
+            Gradient steps on this batch.
+
+        Returns
+        -------
+        The last loss value.
+        """
+        adv = torch.as_tensor(self.normalise(rewards), dtype=torch.float32)
+        x = self._tensor(emb)
+        avail = torch.as_tensor(np.asarray(available, dtype=bool))
+        loss = torch.tensor(0.0)
+        for _ in range(max(1, int(n_steps))):
+            self.optimizer.zero_grad()
+            s = self(x)
+            lp = torch.stack([self._log_prob(s, avail, c) / max(len(c), 1) for c in draws])
+            loss = -(adv * lp).mean()
+            loss.backward()
+            self.optimizer.step()
+        return float(loss.detach())
+
+    def save(self, path: str | Path) -> None:
+        """Save weights and hyper-parameters."""
+        torch.save({"state": self.state_dict(), "n_input": self.n_input, "n_hidden": self.n_hidden,
+                    "lr": self.lr, "baseline": self.baseline, "reward_var": self.reward_var}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> SamplingPolicy:
+        """Load a policy written by :meth:`save`."""
+        ck = torch.load(Path(path), map_location="cpu", weights_only=False)
+        pol = cls(ck["n_input"], ck["n_hidden"], lr=ck["lr"])
+        pol.load_state_dict(ck["state"])
+        pol.baseline, pol.reward_var = ck["baseline"], ck["reward_var"]
+        return pol
