@@ -1,5 +1,6 @@
 """Plotting: spatial maps over the H&E, patch galleries, curves."""
 
+from ._sampling import sampling_curve
 from ._spatial import patches, spatial
 
-__all__ = ["patches", "spatial"]
+__all__ = ["patches", "sampling_curve", "spatial"]

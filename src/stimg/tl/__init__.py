@@ -1,5 +1,7 @@
 """Tools: prediction, evaluation, active sampling, annotation, alignment."""
 
+from ._active_sample import active_sample
 from ._predict import predict_expression
+from ._simulate import simulate_sampling
 
-__all__ = ["predict_expression"]
+__all__ = ["active_sample", "predict_expression", "simulate_sampling"]
