@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY: dict[str, str] = {
+    # ridge baseline on frozen features (issue 3)
+    "RidgeRegressor": "._ridge",
     # active sampling (issue 5)
     "SamplingPolicy": "._sampling._policy",
     "RewardWeights": "._sampling._rewards",
