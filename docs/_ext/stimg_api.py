@@ -70,7 +70,10 @@ def _stub(modname: str, name: str) -> str:
     title = full.replace("_", r"\_")
     head = f"{title}\n{'=' * len(title)}\n\n.. currentmodule:: {modname}\n\n"
     if inspect.isclass(obj):
-        return head + f".. autoclass:: {name}\n   :members:\n   :show-inheritance:\n"
+        opts = "   :members:\n   :show-inheritance:\n"
+        if any(c.__module__.startswith("scvi.model") for c in obj.__mro__[1:]):
+            opts += "   :inherited-members:\n"  # train/save/load/... come from scvi-tools
+        return head + f".. autoclass:: {name}\n{opts}"
     if callable(obj):
         return head + f".. autofunction:: {name}\n"
     body = f".. autodata:: {name}\n"
