@@ -105,7 +105,10 @@ def generate_stubs(app: Sphinx) -> None:
     wanted: dict[Path, str] = {}
     for target in targets:
         for modname, name in _entries(target):
-            wanted[outdir / f"{modname}.{name}.rst"] = _stub(modname, name)
+            try:
+                wanted[outdir / f"{modname}.{name}.rst"] = _stub(modname, name)
+            except Exception as exc:  # e.g. a name in __all__ that does not exist
+                logger.warning("stimg-api: cannot document %s.%s: %r", modname, name, exc)
     for path, text in wanted.items():  # rewrite only on change: keeps incremental builds fast
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
