@@ -139,10 +139,11 @@ def _pick_image(sdata, region: str, image_key):
         if not shp_cs & set(get_transformation(img, get_all=True)):
             continue
         arr = _scale0(img)
-        cands.append((name.startswith(region), arr.shape[-1] * arr.shape[-2], name))
+        # prefer the section's own image, then the largest, then the plainest name (not derived ones)
+        cands.append((name.startswith(region), arr.shape[-1] * arr.shape[-2], -len(name), name))
     if not cands:
         return None
-    return max(cands)[2]
+    return max(cands)[-1]
 
 
 def _scale0(img):

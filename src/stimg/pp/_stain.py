@@ -220,7 +220,7 @@ def stain_normalize(
         tf = transforms[s.library_id]
         arr = s.image_array()
         arr = arr if isinstance(arr, da.Array) else da.from_array(arr, chunks=(3, 4096, 4096))
-        arr = arr.rechunk({0: -1})
+        arr = arr.rechunk((-1, 1024, 1024))
         out = arr.map_blocks(lambda b, tf=tf: np.moveaxis(tf(np.moveaxis(b, 0, -1)), -1, 0), dtype=np.uint8)
         name = f"{s.image_key}_{suffix}"
         if name in data.images:
