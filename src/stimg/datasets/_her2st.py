@@ -81,6 +81,19 @@ def available_sections(*, with_image: bool = False) -> list[str]:
     return out
 
 
+def _cluster_names(path, patient: str) -> dict[int, str]:
+    """``{cluster: 'k: name'}`` from the study's cluster_motivation.csv (names hold unquoted commas)."""
+    names = {}
+    for line in path.read_text().splitlines()[1:]:
+        parts = line.split(",", 2)
+        if len(parts) < 3 or parts[0].strip() != patient or not parts[1].strip().isdigit():
+            continue
+        rest = parts[2]
+        name = rest.split(",Marker")[0] if ",Marker" in rest else rest.split(",")[0]
+        names[int(parts[1])] = f"{int(parts[1])}: {' '.join(name.split())}"
+    return names
+
+
 def _extras(sec: SectionData) -> None:
     """Attach pathologist labels, expression clusters and deconvolution when present locally."""
     root = settings.datadir / "her2st"
@@ -97,7 +110,14 @@ def _extras(sec: SectionData) -> None:
         df = pd.read_csv(clu, sep="\t", index_col=0)
         df.index = df["x"].astype(int).astype(str) + "x" + df["y"].astype(int).astype(str)
         df = df[~df.index.duplicated()]
-        obs["expression_cluster"] = pd.Categorical(grid_id.map(df["label"]).to_numpy())
+        ids = grid_id.map(df["label"])
+        names = {}
+        mot = root / "meta" / "cluster_motivation.csv"
+        if mot.exists():
+            names = _cluster_names(mot, s[0])
+        lab = ids.map(lambda v: None if pd.isna(v) else names.get(int(v), str(int(v))))
+        cats = [names.get(int(v), str(int(v))) for v in sorted(ids.dropna().unique())]
+        obs["expression_cluster"] = pd.Categorical(lab.to_numpy(), categories=cats)
     dec = root / "deconv" / "major" / f"{s}-proportion.tsv"
     if dec.exists():
         df = pd.read_csv(dec, sep="\t", index_col=0)
@@ -146,15 +166,16 @@ def her2st(
     Parameters
     ----------
     section
-        One or several of the 36 sections ``A1 … H3`` (:data:`SECTIONS`). Sections without a
-        public image (all but :data:`SECTIONS_WITH_IMAGE`) are read as counts only.
+        One or several of the 36 sections ``A1 … H3`` (:data:`~stimg.datasets.HER2ST_SECTIONS`). Sections without a
+        public image (all but :data:`~stimg.datasets.HER2ST_SECTIONS_WITH_IMAGE`) are read as counts only.
     image
         Read the H&E image where one exists. C2–C6 are full resolution (~0.69 µm/px);
         A1 is a 2000-px-wide copy (3.2 µm/px) whose top-right thumbnail is masked out.
     as_anndata
         Return :class:`~anndata.AnnData` with scanpy's ``.uns['spatial']`` instead of SpatialData.
     extras
-        Attach, where present locally, ``obs['pathologist_label']``, ``obs['expression_cluster']``
+        Attach, where present locally, ``obs['pathologist_label']``, ``obs['expression_cluster']`` (named
+        by the study's cluster annotation)
         and ``obsm['deconv_major']`` (stereoscope proportions of 8 major cell types).
 
     Returns

@@ -115,7 +115,7 @@ def select_genes(
         import scanpy as sc
 
         _, libs = library_column(table, library_key)
-        sub = ad.AnnData(X=sp.csr_matrix(Xd[:, eligible]), obs=pd.DataFrame({"b": libs.to_numpy()[mask]}))
+        sub = ad.AnnData(X=sp.csr_matrix(Xd[:, eligible]), obs=pd.DataFrame({"b": libs.to_numpy()[mask]}, index=table.obs_names[mask]))
         batch = "b" if sub.obs["b"].nunique() > 1 else None
         res = sc.pp.highly_variable_genes(sub, n_top_genes=int(n_top), flavor="seurat_v3", batch_key=batch,
                                           inplace=False, span=0.5)
