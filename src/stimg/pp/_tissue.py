@@ -13,6 +13,7 @@ from .._constants import TABLE_KEY, TISSUE_KEY
 from .._docs import d
 from .._logging import log_added, logger
 from .._spatial import Section, get_table, sections
+from .._utils import warn
 from .._validate import check_fraction
 from ._patches import check_spots_on_image
 
@@ -179,6 +180,9 @@ def tissue_coverage(
         rgb, step = _downsampled(s, working_mpp)
         mask, thr = mask_from_rgb(rgb)
         thresholds[s.library_id] = thr
+        if not mask.any():
+            warn(f"No tissue detected in the image of section {s.library_id!r}: its spots get coverage 0. "
+                 "Check the image (blank, or not an H&E?).")
         radius = (size_um / s.mpp / 2.0) if size_um is not None else s.spot_diameter_px / 2.0
         cov[s.obs_index] = _coverage(mask, s.xy / step, radius / step, square=size_um is not None)
     result = pd.Series(cov, index=table.obs_names, name=key_added)
