@@ -69,6 +69,16 @@ def available_sections(*, with_image: bool = False) -> list[str]:
     ----------
     with_image
         Only sections whose H&E image is present too.
+
+    Returns
+    -------
+    Section names, in the order of :data:`~stimg.datasets.HER2ST_SECTIONS`.
+
+    Examples
+    --------
+    >>> import stimg as si
+    >>> si.datasets.available_sections(with_image=True)  # doctest: +SKIP
+    ['A1', 'C2', 'C3', 'C4', 'C5', 'C6']
     """
     root = settings.datadir / "her2st"
     out = []

@@ -25,12 +25,30 @@ def _allow_large_images():
 def read_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
     """Return ``image`` (a path or an array) as a ``(y, x, 3)`` uint8 RGB array.
 
+    Large scans (e.g. 92-megapixel JPEGs) are allowed for this read only; grey images are
+    expanded to RGB, alpha is dropped and float images in [0, 1] are rescaled.
+
+    Parameters
+    ----------
+    image
+        Path to a JPEG/PNG/TIFF file, or an array ``(y, x)``, ``(y, x, 3)`` or ``(y, x, 4)``.
+
+    Returns
+    -------
+    The image as a C-contiguous ``(y, x, 3)`` uint8 array.
+
     Raises
     ------
     FileNotFoundError
         The path does not exist.
     ValueError
         The file cannot be decoded as an image, or the array is not ``(y, x, 3|4)``.
+
+    Examples
+    --------
+    >>> import numpy as np, stimg as si
+    >>> si.io.read_image(np.zeros((4, 5), np.uint8)).shape
+    (4, 5, 3)
     """
     if isinstance(image, np.ndarray):
         arr = image

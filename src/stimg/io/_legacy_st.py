@@ -70,6 +70,17 @@ def estimate_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float = S
         ``(n, 2)`` pixel coordinates of the same spots.
     pitch_um
         Centre-to-centre distance of neighbouring grid positions (200 µm for legacy ST).
+
+    Returns
+    -------
+    µm per pixel.
+
+    Examples
+    --------
+    >>> import numpy as np, stimg as si
+    >>> grid = np.array([[1, 1], [2, 1], [3, 2]])
+    >>> si.io.estimate_mpp(grid, grid * 290.0)
+    0.6896551724137931
     """
     steps = []
     for k in range(2):

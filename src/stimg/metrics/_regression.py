@@ -27,6 +27,14 @@ class PearsonResult:
         Mean PCC over non-constant genes, per slide.
     n_constant
         Number of genes excluded per slide because they are constant there.
+
+    Examples
+    --------
+    >>> import numpy as np, stimg as si
+    >>> y = np.random.default_rng(0).poisson(3, (40, 3)).astype(float)
+    >>> res = si.metrics.pearson(y, y + 0.1, groups=["a"] * 20 + ["b"] * 20)
+    >>> list(res.per_slide.index)
+    ['a', 'b']
     """
 
     mean: float
@@ -106,6 +114,13 @@ def pearson(y_true, y_pred, *, groups: Sequence | None = None, var_names: Sequen
 def mse(y_true, y_pred, *, groups: Sequence | None = None) -> float:
     """Mean squared error, averaged per slide then over slides.
 
+    Parameters
+    ----------
+    y_true, y_pred
+        ``(n_spots, n_genes)`` arrays on the same scale.
+    groups
+        Slide of each spot; ``None`` treats all spots as one slide.
+
     Examples
     --------
     >>> import numpy as np, stimg as si
@@ -118,6 +133,13 @@ def mse(y_true, y_pred, *, groups: Sequence | None = None) -> float:
 
 def mae(y_true, y_pred, *, groups: Sequence | None = None) -> float:
     """Mean absolute error, averaged per slide then over slides.
+
+    Parameters
+    ----------
+    y_true, y_pred
+        ``(n_spots, n_genes)`` arrays on the same scale.
+    groups
+        Slide of each spot; ``None`` treats all spots as one slide.
 
     Examples
     --------

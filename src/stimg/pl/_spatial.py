@@ -203,7 +203,7 @@ def patches(dataset, indices: Sequence[int] | None = None, *, n: int = 16, ncols
     Parameters
     ----------
     dataset
-        A :class:`~stimg.pp._patch_dataset.PatchDataset`.
+        A :class:`~stimg.pp.PatchDataset`.
     indices
         Items to show; ``None`` draws ``n`` at random.
     n

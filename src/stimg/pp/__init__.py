@@ -8,6 +8,7 @@ from ._tile import tile_image
 from ._tissue import tissue_coverage, tissue_mask
 
 __all__ = [
+    "PatchDataset",
     "StainTransform",
     "embed",
     "extract_patches",
@@ -18,3 +19,12 @@ __all__ = [
     "tissue_coverage",
     "tissue_mask",
 ]
+
+
+def __getattr__(name: str):
+    if name == "PatchDataset":  # needs torch: imported on first use only
+        from ._patch_dataset import PatchDataset
+
+        return PatchDataset
+    msg = f"module 'stimg.pp' has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -78,7 +78,7 @@ def extract_patches(
 
     Returns
     -------
-    :class:`~stimg.pp._patch_dataset.PatchDataset`; item ``i`` belongs to table row ``dataset.obs_index[i]``.
+    :class:`~stimg.pp.PatchDataset`; item ``i`` belongs to table row ``dataset.obs_index[i]``.
 
     Examples
     --------

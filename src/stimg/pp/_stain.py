@@ -84,6 +84,15 @@ class StainTransform:
         or LAB ``"means"``/``"stds"`` for Reinhard).
     target
         The reference's statistics.
+
+    Examples
+    --------
+    >>> import stimg as si
+    >>> sdata = si.datasets.synthetic(16, 5, n_sections=2)
+    >>> tf = si.pp.stain_normalize(sdata, reference="S0", inplace=False)["S1"]
+    >>> patch = si.pp.extract_patches(sdata, library_id="S1").patch(0)
+    >>> tf(patch).shape == patch.shape
+    True
     """
 
     method: str
@@ -114,6 +123,17 @@ class StainTransform:
 
 def stain_vectors(rgb: np.ndarray, method: str = "macenko") -> np.ndarray:
     """Estimate the (3 × 2) haematoxylin/eosin optical-density vectors of an RGB image.
+
+    Parameters
+    ----------
+    rgb
+        ``(y, x, 3)`` uint8 image or patch (background pixels are ignored).
+    method
+        ``"macenko"`` or ``"vahadane"``.
+
+    Returns
+    -------
+    Unit-norm stain vectors as columns (haematoxylin first).
 
     Examples
     --------
