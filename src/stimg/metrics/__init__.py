@@ -1,5 +1,16 @@
 """Metrics defined once: regression, spatial, retrieval, uncertainty."""
 
 from ._regression import PearsonResult, mae, mse, pearson
+from ._spatial import morans_i, pattern_iou
+from ._uncertainty import CalibrationResult, uncertainty_calibration
 
-__all__ = ["PearsonResult", "mae", "mse", "pearson"]
+__all__ = [
+    "CalibrationResult",
+    "PearsonResult",
+    "mae",
+    "morans_i",
+    "mse",
+    "pattern_iou",
+    "pearson",
+    "uncertainty_calibration",
+]

@@ -10,6 +10,9 @@ import importlib
 _LAZY: dict[str, str] = {
     # ridge baseline on frozen features (issue 3)
     "RidgeRegressor": "._ridge",
+    # NB regressor and ensembles (issue 4)
+    "NBRegressor": "._nb",
+    "NBEnsemble": "._nb",
     # active sampling (issue 5)
     "SamplingPolicy": "._sampling._policy",
     "RewardWeights": "._sampling._rewards",

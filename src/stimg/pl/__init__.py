@@ -2,5 +2,6 @@
 
 from ._sampling import sampling_curve
 from ._spatial import patches, spatial
+from ._uncertainty import uncertainty
 
-__all__ = ["patches", "sampling_curve", "spatial"]
+__all__ = ["patches", "sampling_curve", "spatial", "uncertainty"]
