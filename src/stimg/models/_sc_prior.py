@@ -221,7 +221,7 @@ class SingleCellPrior:
         c = min(self.n_clusters, emb.shape[0])
         self.kmeans_ = MiniBatchKMeans(c, random_state=self.seed, n_init=3, batch_size=1024).fit(self.pca_.transform(emb))
         self.centroid_tree_ = cKDTree(self.kmeans_.cluster_centers_)
-        self.cell_tree_ = cKDTree(_unit(emb))
+        self.ref_unit_ = _unit(emb).astype(np.float32)
         types = pd.Categorical(self.reference.obs[self.cell_type_key].astype(str))
         self.type_names = list(types.categories)
         self.cell_type_codes_ = types.codes.astype(np.int64)
@@ -252,8 +252,17 @@ class SingleCellPrior:
         self._check_fitted()
         emb = np.asarray(embedding, dtype=np.float32)
         _, cl = self.centroid_tree_.query(self.pca_.transform(emb), k=1)
-        _, cell = self.cell_tree_.query(_unit(emb), k=1)
-        return cl.astype(np.int64), self.cell_type_codes_[cell]
+        return cl.astype(np.int64), self.cell_type_codes_[self._nearest_cell(emb)]
+
+    def _nearest_cell(self, emb: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+        """Most cosine-similar reference cell per row: chunked matrix products (k-d trees are slow in > 10-D)."""
+        q = _unit(emb)
+        ref = self.ref_unit_
+        out = np.empty(len(q), dtype=np.int64)
+        step = max(1, chunk // max(len(ref), 1))
+        for i in range(0, len(q), step):
+            out[i:i + step] = np.argmax(q[i:i + step] @ ref.T, axis=1)
+        return out
 
     def cell_types(self, adata: AnnData, layer: str | None = None) -> pd.Categorical:
         """Cell type of each spot: the type of its most similar reference cell."""

@@ -98,15 +98,21 @@ class SamplingPolicy(nn.Module):
         return self._log_prob(self(self._tensor(emb)), torch.as_tensor(np.asarray(available, dtype=bool)), chosen)
 
     @staticmethod
-    def _log_prob(s: torch.Tensor, avail: torch.Tensor, chosen: np.ndarray) -> torch.Tensor:
-        chosen_t = torch.as_tensor(np.asarray(chosen, dtype=np.int64))
+    def _normaliser(s: torch.Tensor, avail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s_av = s[avail]
         m = s_av.max().detach()
-        z = torch.exp(s_av - m).sum()
-        e_c = torch.exp(s[chosen_t] - m)
+        return m, torch.exp(s_av - m).sum()
+
+    @classmethod
+    def _log_prob(cls, s: torch.Tensor, avail: torch.Tensor, chosen: np.ndarray,
+                  norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        m, z = cls._normaliser(s, avail) if norm is None else norm
+        chosen_t = torch.as_tensor(np.asarray(chosen, dtype=np.int64))
+        s_c = s[chosen_t]
+        e_c = torch.exp(s_c - m)
         removed = torch.cumsum(e_c, 0) - e_c  # mass drawn before each pick
         remaining = (z - removed).clamp_min(1e-30)
-        return (s[chosen_t] - m - torch.log(remaining)).sum()
+        return (s_c - m - torch.log(remaining)).sum()
 
     def normalise(self, rewards: np.ndarray) -> np.ndarray:
         """Advantages: (reward − running mean) / running sd; then update the running stats."""
@@ -149,7 +155,8 @@ class SamplingPolicy(nn.Module):
         for _ in range(max(1, int(n_steps))):
             self.optimizer.zero_grad()
             s = self(x)
-            lp = torch.stack([self._log_prob(s, avail, c) / max(len(c), 1) for c in draws])
+            norm = self._normaliser(s, avail)  # shared by all draws
+            lp = torch.stack([self._log_prob(s, avail, c, norm) / max(len(c), 1) for c in draws])
             loss = -(adv * lp).mean()
             loss.backward()
             self.optimizer.step()

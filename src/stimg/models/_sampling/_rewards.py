@@ -186,6 +186,13 @@ class RewardState:
         Sizes of the biological label spaces (``0`` disables that term).
     weights
         Reward weights.
+    cover_sample
+        Above this many spots, ``D_cover`` is averaged over a fixed random subset of this size.
+    pair_sample
+        Above this many committed samples in a section, distances from a candidate to them are
+        summed over a random subset of this size and scaled up (``D_disp`` estimate).
+    seed
+        Seed of that subset.
     """
 
     xy: np.ndarray
@@ -193,17 +200,28 @@ class RewardState:
     n_clusters: int
     n_types: int
     weights: RewardWeights = field(default_factory=RewardWeights)
+    cover_sample: int | None = 20_000
+    pair_sample: int | None = 2_000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.xy)
+        # D_cover is a mean over spots: on large sections it is estimated on a fixed random
+        # subset (the same before and after each candidate, so gains stay consistent)
+        if self.cover_sample is not None and n > self.cover_sample:
+            sub = np.sort(np.random.default_rng(self.seed).choice(n, self.cover_sample, replace=False))
+        else:
+            sub = np.arange(n)
+        self._cover_xy = np.asarray(self.xy, dtype=np.float64)[sub]
         self.groups = np.asarray(self.groups, dtype=np.int64)
         self.n_groups = int(self.groups.max()) + 1 if n else 0
         self.sampled = np.zeros(n, dtype=bool)
         self.hit = np.zeros(max(self.n_clusters, 1), dtype=bool)
         self.type_counts = np.zeros(max(self.n_types, 1), dtype=np.int64)
-        self.near = np.full(n, MAX_COVER_DIST)
+        self.near = np.full(len(sub), MAX_COVER_DIST)
         self.pair_sum = np.zeros(max(self.n_groups, 1))
         self.count = np.zeros(max(self.n_groups, 1), dtype=np.int64)
+        self._pair_cache: dict[int, tuple] = {}
 
     # -- components -------------------------------------------------------------------------
     def _components(self, hit, type_counts, near, pair_sum, count) -> dict[str, float]:
@@ -231,15 +249,27 @@ class RewardState:
         if types is not None and self.n_types:
             t = np.asarray(types)
             tc += np.bincount(t[t >= 0], minlength=len(tc))[: len(tc)]
-        near = np.minimum(self.near, cover_distance(self.xy, self.xy[idx])) if len(idx) else self.near
+        near = np.minimum(self.near, cover_distance(self._cover_xy, self.xy[idx])) if len(idx) else self.near
         ps, cnt = self.pair_sum.copy(), self.count.copy()
         gi = self.groups[idx]
         for s in np.unique(gi):
             new = self.xy[idx[gi == s]]
-            old = self.xy[self.sampled & (self.groups == s)]
-            ps[s] += 2.0 * _pair_sum(new, old) + _pair_sum(new, new)
+            old = self._committed_sample(s)
+            scale = self.count[s] / max(len(old), 1)
+            ps[s] += 2.0 * scale * _pair_sum(new, old) + _pair_sum(new, new)
             cnt[s] += len(new)
         return hit, tc, near, ps, cnt
+
+    def _committed_sample(self, s: int) -> np.ndarray:
+        """Committed points of section ``s``, or a fixed random ``pair_sample`` of them (cached per state)."""
+        key = (s, int(self.count[s]))
+        if self._pair_cache.get(s, (None,))[0] != key:
+            pts = self.xy[self.sampled & (self.groups == s)]
+            if self.pair_sample is not None and len(pts) > self.pair_sample:
+                rng = np.random.default_rng([self.seed, s, len(pts)])
+                pts = pts[rng.choice(len(pts), self.pair_sample, replace=False)]
+            self._pair_cache[s] = (key, pts)
+        return self._pair_cache[s][1]
 
     def evaluate(self, idx: np.ndarray, clusters: np.ndarray | None = None,
                  types: np.ndarray | None = None) -> dict[str, float]:

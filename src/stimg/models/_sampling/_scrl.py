@@ -105,13 +105,17 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
         else:
             scores = policy.scores(emb)
             scores = np.where(avail, scores, -np.inf)
+            tree = cKDTree(feat[revealed]) if len(revealed) else None
             draws, gains = [], []
             for _ in range(n_rollouts):
-                g = -np.log(-np.log(rng.uniform(1e-12, 1 - 1e-12, size=n)))
-                d = np.argpartition(-(scores + g), k - 1)[:k]
-                d = d[np.argsort(-(scores + g)[d])]
-                c = _surrogate(feat, revealed, cl[revealed] if labeler.n_clusters else None, d)
-                t = _surrogate(feat, revealed, ty[revealed] if labeler.n_types else None, d)
+                key = scores + rng.gumbel(size=n)
+                d = np.argpartition(-key, k - 1)[:k]
+                d = d[np.argsort(-key[d])]
+                c = t = None
+                if tree is not None:  # labels of unrevealed candidates: nearest revealed spot in image space
+                    nn = revealed[tree.query(feat[d], k=1)[1]]
+                    c = cl[nn] if labeler.n_clusters else None
+                    t = ty[nn] if labeler.n_types else None
                 draws.append(d)
                 gains.append(state.gain(d, c, t))
             gains = np.asarray(gains)
