@@ -1,4 +1,4 @@
-"""Uncertainty calibration (DESIGN §5): does uncertainty rank errors, do intervals cover?"""
+"""Uncertainty calibration (DESIGN §5): does uncertainty rank errors, and do intervals cover."""
 
 from __future__ import annotations
 

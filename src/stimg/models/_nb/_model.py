@@ -51,7 +51,7 @@ def _resolve_genes(adata: AnnData, target_key: str | None, genes: Sequence[str] 
 
 
 def _log_library(adata: AnnData, library_size: bool | str, layer: str | None) -> np.ndarray:
-    """log of the per-spot library size: total counts of ``layer`` (``True``) or an ``.obs`` column."""
+    """Log of the per-spot library size: total counts of ``layer`` (``True``) or an ``.obs`` column."""
     if isinstance(library_size, str):
         assert_key_in(adata.obs, library_size, where="adata.obs", hint="Pass a library size or size-factor column.")
         lib = adata.obs[library_size].to_numpy(dtype=np.float64)

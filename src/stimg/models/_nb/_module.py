@@ -14,7 +14,7 @@ from ._constants import NB_KEYS
 
 
 def nb_log_prob(y: torch.Tensor, r: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """log NB(y; r, p) with p = sigmoid(logits) the success probability; mean r(1−p)/p = r·exp(−logits)."""
+    """Log NB(y; r, p) with p = sigmoid(logits) the success probability; mean r(1−p)/p = r·exp(−logits)."""
     return (torch.lgamma(y + r) - torch.lgamma(r) - torch.lgamma(y + 1.0)
             - r * F.softplus(-logits) - y * F.softplus(logits))
 
@@ -114,8 +114,11 @@ def nb_mean_var(r: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def _nodes(kmax: float, n_exact: int, n_log: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer support nodes and log quadrature weights: every count below ``n_exact``, then ``n_log``
-    log-spaced counts up to ``kmax`` weighted by the gap they stand for (trapezoid rule)."""
+    """Integer support nodes and log quadrature weights.
+
+    Every count below ``n_exact``, then ``n_log`` log-spaced counts up to ``kmax`` weighted by the
+    gap they stand for (trapezoid rule).
+    """
     exact = torch.arange(n_exact, dtype=torch.float64)
     if kmax <= n_exact:
         return exact[: max(2, math.ceil(kmax) + 1)], torch.zeros(max(2, math.ceil(kmax) + 1), dtype=torch.float64)
