@@ -36,7 +36,7 @@ def test_tissue_coverage_failure_leaves_object_unchanged():
     with pytest.raises(ValueError, match="min_coverage"):
         si.pp.tissue_coverage(ad, min_coverage=1.5)
     ad.uns["spatial"]["S0"]["images"]["hires"][:] = 250  # no tissue anywhere
-    with pytest.raises(ValueError, match="No spot has tissue coverage"):
+    with pytest.raises(ValueError, match="No spot has tissue coverage"), pytest.warns(UserWarning, match="No tissue"):
         si.pp.tissue_coverage(ad, min_coverage=0.7)
     assert ad.obs.equals(before) and "tissue_coverage" not in ad.uns
 
