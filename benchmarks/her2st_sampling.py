@@ -53,6 +53,8 @@ def main() -> None:
     p.add_argument("--features", type=Path, default=Path("/tmp/si_as/her2st_C_eff.h5ad"))
     p.add_argument("--datadir", default="/work/shared/data")
     p.add_argument("--tag", default=None)
+    p.add_argument("--ablation", action="store_true",
+                   help="also run SCRL with biological reward only (w_spa=0) and spatial only (w_sc=w_type=0)")
     a = p.parse_args()
 
     import stimg as si
@@ -64,13 +66,28 @@ def main() -> None:
     keep = ~adata.obs["library_id"].isin(a.drop).to_numpy()
     adata = adata[keep].copy()
     ref = None if a.no_reference else si.datasets.her2st_sc_reference()
-    kw = {"scrl": {}}
-    if a.weights is not None:
-        kw["scrl"]["weights"] = tuple(a.weights)
-    res = si.tl.simulate_sampling(adata, a.methods, a.budgets, test=a.test, seeds=a.seeds,
-                                  embedding_key="X_efficientnet_lite0", library_key="library_id",
-                                  reference=ref, cell_type_key="celltype_major", encoder=a.encoder,
-                                  method_kwargs=kw)
+    w = tuple(a.weights) if a.weights is not None else (20.0, 5.0, 10.0)
+    common = {"test": a.test, "seeds": a.seeds, "embedding_key": "X_efficientnet_lite0", "library_key": "library_id"}
+    kw = {"scrl": {"weights": w}}
+    if ref is not None and "scrl" in a.methods:  # one prior for every SCRL run (pool genes only)
+        from stimg.models import SingleCellPrior
+
+        pool_genes = adata.var_names
+        t1 = time.perf_counter()
+        kw["scrl"]["prior"] = SingleCellPrior(ref, "celltype_major", encoder=a.encoder).fit(pool_genes)
+        print(f"prior fitted in {time.perf_counter() - t1:.1f}s", flush=True)
+    res = si.tl.simulate_sampling(adata, a.methods, a.budgets, method_kwargs=kw, **common)
+    if a.ablation:
+        parts = [res]
+        for name, wa in (("scrl_bio_only", (w[0], w[1], 0.0)), ("scrl_spatial_only", (0.0, 0.0, w[2]))):
+            r = si.tl.simulate_sampling(adata, ["scrl"], a.budgets,
+                                        method_kwargs={"scrl": {**kw["scrl"], "weights": wa}}, **common)
+            r["method"] = name
+            parts.append(r)
+        import pandas as pd
+
+        res = pd.concat(parts, ignore_index=True)
+        res.attrs["summary"] = si.tl._simulate.sampling_summary(res)
     tag = a.tag or f"test{a.test}"
     out = HERE / "results" / f"her2st_sampling_{tag}.csv"
     out.parent.mkdir(exist_ok=True)

@@ -90,9 +90,9 @@ class SamplingPolicy(nn.Module):
         return torch.topk(s, k).indices.numpy()
 
     def log_prob(self, emb, available: np.ndarray, chosen: np.ndarray) -> torch.Tensor:
-        """Log-probability of drawing ``chosen`` (in order) without replacement from ``available``.
+        r"""Log-probability of drawing ``chosen`` (in order) without replacement from ``available``.
 
-        ``Σ_j [s_{c_j} − log Σ_{i ∈ U \\ {c_<j}} exp s_i]`` (Plackett–Luce), vectorised:
+        ``Σ_j [s_{c_j} − log Σ_{i ∈ U, i ∉ c_{<j}} exp s_i]`` (Plackett–Luce), vectorised:
         the remaining mass after each draw is the total minus a cumulative sum.
         """
         return self._log_prob(self(self._tensor(emb)), torch.as_tensor(np.asarray(available, dtype=bool)), chosen)

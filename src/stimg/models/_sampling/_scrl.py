@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from ._rewards import RewardState, RewardWeights
 from ._baselines import _round_sizes
+from ._rewards import RewardState, RewardWeights
 
 
 @dataclass
