@@ -120,3 +120,4 @@ html_theme_options = {
     "navigation_with_keys": False,
 }
 html_show_sourcelink = False
+html_static_path = ["_static"]

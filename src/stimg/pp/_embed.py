@@ -164,6 +164,7 @@ def run_encoder(enc, dataset, *, batch_size: int, num_workers: int, device, amp_
 
     cuda = device.type == "cuda"
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=cuda,
+                        collate_fn=getattr(dataset, "collate", None),
                         prefetch_factor=4 if num_workers > 0 else None, persistent_workers=False)
     enc = enc.to(device).eval()
     fmt = torch.channels_last  # NHWC: faster on GPUs and, through oneDNN, for CPU depthwise convolutions
