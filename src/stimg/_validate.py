@@ -51,3 +51,17 @@ def check_fraction(value: float, name: str, *, low: float = 0.0, high: float = 1
         msg = f"{name} must be in [{low}, {high}], got {value!r}."
         raise ValueError(msg)
     return v
+
+
+def obs_mask(adata, mask, what: str = "mask") -> np.ndarray:
+    """A boolean spot mask from ``None`` (all spots), an obs column name, or a boolean array."""
+    if mask is None:
+        return np.ones(adata.n_obs, bool)
+    if isinstance(mask, str):
+        assert_key_in(adata.obs, mask, where="adata.obs", hint=f"Pass {what} as a boolean obs column or array.")
+        mask = adata.obs[mask].to_numpy()
+    arr = np.asarray(mask)
+    if arr.dtype != bool or arr.shape != (adata.n_obs,):
+        msg = f"{what} must be a boolean array with one entry per spot ({adata.n_obs}), got {arr.dtype} {arr.shape}."
+        raise ValueError(msg)
+    return arr

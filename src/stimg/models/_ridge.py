@@ -13,22 +13,9 @@ from .._constants import TARGET_KEY
 from .._logging import logger
 from .._prediction import ExpressionPrediction
 from .._spatial import library_column
-from .._validate import assert_key_in, check_matrix, check_nonempty
+from .._validate import assert_key_in, check_matrix, check_nonempty, obs_mask
 
 _DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
-
-
-def _obs_mask(adata, mask, what: str) -> np.ndarray:
-    if mask is None:
-        return np.ones(adata.n_obs, bool)
-    if isinstance(mask, str):
-        assert_key_in(adata.obs, mask, where="adata.obs", hint=f"Pass {what} as a boolean obs column or array.")
-        mask = adata.obs[mask].to_numpy()
-    arr = np.asarray(mask)
-    if arr.dtype != bool or arr.shape != (adata.n_obs,):
-        msg = f"{what} must be a boolean array with one entry per spot ({adata.n_obs}), got {arr.dtype} {arr.shape}."
-        raise ValueError(msg)
-    return arr
 
 
 def log1p_counts(adata, genes: Sequence[str], layer: str | None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -194,7 +181,7 @@ class RidgeRegressor:
         if len(missing):
             msg = f"{len(missing)} target genes are not in adata.var_names (e.g. {list(missing[:3])})."
             raise KeyError(msg)
-        mask = _obs_mask(adata, train_mask, "train_mask")
+        mask = obs_mask(adata, train_mask, "train_mask")
         check_nonempty(int(mask.sum()), "The training mask", "Select at least a few spots.")
         rows = np.flatnonzero(mask)
         X = check_matrix(np.asarray(adata.obsm[embedding_key])[rows], f"obsm[{embedding_key!r}] (training spots)")

@@ -13,20 +13,7 @@ from .._constants import EVAL_UNS, PRED_LAYER, TABLE_KEY
 from .._docs import d
 from .._logging import log_added
 from .._spatial import get_table
-from .._validate import assert_key_in, check_nonempty
-
-
-def _spot_mask(table, mask) -> np.ndarray:
-    if mask is None:
-        return np.ones(table.n_obs, bool)
-    if isinstance(mask, str):
-        assert_key_in(table.obs, mask, where="table.obs", hint="Pass mask as a boolean obs column or array.")
-        mask = table.obs[mask].to_numpy()
-    arr = np.asarray(mask)
-    if arr.dtype != bool or arr.shape != (table.n_obs,):
-        msg = f"mask must be a boolean array with one entry per spot ({table.n_obs}), got {arr.dtype} {arr.shape}."
-        raise ValueError(msg)
-    return arr
+from .._validate import assert_key_in, check_nonempty, obs_mask
 
 
 @d.dedent
@@ -96,7 +83,7 @@ def evaluate(
         assert_key_in(table.layers, truth_layer, where="table.layers", hint="Pass the raw-count layer or None for X.")
     if groups is not None:
         assert_key_in(table.obs, groups, where="table.obs", hint="Pass groups= naming the slide column, or None.")
-    rows = np.flatnonzero(_spot_mask(table, mask))
+    rows = np.flatnonzero(obs_mask(table, mask))
     check_nonempty(len(rows), "The evaluation mask", "Select the spots to score.")
     pred_all = np.asarray(table.layers[pred_layer][rows], dtype=np.float64)
     if genes is None:
