@@ -86,6 +86,8 @@ def main() -> None:
             parts.append(r)
         import pandas as pd
 
+        for part in parts:
+            part.attrs = {}
         res = pd.concat(parts, ignore_index=True)
         res.attrs["summary"] = si.tl._simulate.sampling_summary(res)
     tag = a.tag or f"test{a.test}"
