@@ -13,6 +13,7 @@ _LAZY: dict[str, str] = {
     # NB regressor and ensembles (issue 4)
     "NBRegressor": "._nb",
     "NBEnsemble": "._nb",
+    "NBFinetuner": "._nb",
     # active sampling (issue 5)
     "SamplingPolicy": "._sampling._policy",
     "RewardWeights": "._sampling._rewards",

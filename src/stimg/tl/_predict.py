@@ -30,6 +30,8 @@ def predict_expression(
 
     ``model`` is any object with ``predict(adata, **kwargs) -> ExpressionPrediction``, e.g.
     :class:`stimg.models.RidgeRegressor` or :class:`stimg.models.NBRegressor` (ensembles included).
+    Models with ``needs_images = True`` (:class:`stimg.models.NBFinetuner`) get ``data`` itself
+    (and ``table_key``), as they read the image patches.
 
     Parameters
     ----------
@@ -66,7 +68,10 @@ def predict_expression(
     if not hasattr(model, "predict"):
         msg = f"{type(model).__name__} has no predict(adata) method; pass a trained stimg model."
         raise TypeError(msg)
-    pred = model.predict(table, **kwargs)
+    if getattr(model, "needs_images", False) is True:  # image models (NBFinetuner) read patches from data
+        pred = model.predict(data, table_key=table_key, **kwargs)
+    else:
+        pred = model.predict(table, **kwargs)
     if not isinstance(pred, ExpressionPrediction):
         msg = f"{type(model).__name__}.predict must return an ExpressionPrediction, got {type(pred).__name__}."
         raise TypeError(msg)
