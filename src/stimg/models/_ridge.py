@@ -239,7 +239,7 @@ class RidgeRegressor:
 
         Returns
         -------
-        :class:`~stimg._prediction.ExpressionPrediction` with ``scale='log1p'``.
+        :class:`~stimg.tl.ExpressionPrediction` with ``scale='log1p'``.
         """
         from .._spatial import get_table
 

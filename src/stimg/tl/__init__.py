@@ -1,5 +1,6 @@
 """Tools: prediction, evaluation, active sampling, annotation, alignment."""
 
+from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
 from ._classify import classify_expression
 from ._evaluate import evaluate
@@ -8,6 +9,7 @@ from ._simulate import simulate_sampling
 from ._split import check_split_leakage, split_by_patient
 
 __all__ = [
+    "ExpressionPrediction",
     "active_sample",
     "check_split_leakage",
     "classify_expression",

@@ -47,7 +47,7 @@ def predict_expression(
 
     Returns
     -------
-    With ``inplace=False`` the :class:`~stimg._prediction.ExpressionPrediction`; otherwise ``None``
+    With ``inplace=False`` the :class:`~stimg.tl.ExpressionPrediction`; otherwise ``None``
     and the table gets
 
     - ``.layers[key_added]``: predicted mean (NaN for genes the model does not predict),

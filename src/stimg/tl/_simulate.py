@@ -125,7 +125,7 @@ def simulate_sampling(
         ``'ridge'`` (``si.models.RidgeRegressor`` when available, else
         :func:`~stimg.tl._simulate.ridge_pipeline`: standardise → PCA → ridge), an sklearn-style
         estimator on embeddings, or a callable ``(train_adata, embedding_key=) -> model`` whose
-        ``predict(adata)`` returns an :class:`~stimg._prediction.ExpressionPrediction` or an array.
+        ``predict(adata)`` returns an :class:`~stimg.tl.ExpressionPrediction` or an array.
     seeds
         Seeds (≥ 5 recommended for mean ± sd).
     n_genes

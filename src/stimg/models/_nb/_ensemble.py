@@ -124,7 +124,7 @@ class NBEnsemble:
 
     def member_predictions(self, adata: AnnData | None = None, *, scale: str = "log1p",
                            **kwargs: Any) -> list[ExpressionPrediction]:
-        """Each member's :class:`~stimg._prediction.ExpressionPrediction` (aleatoric only).
+        """Each member's :class:`~stimg.tl.ExpressionPrediction` (aleatoric only).
 
         Examples
         --------

@@ -601,7 +601,7 @@ class NBFinetuner:
 
         Returns
         -------
-        :class:`~stimg._prediction.ExpressionPrediction` over :attr:`genes_`, ``epistemic=None``.
+        :class:`~stimg.tl.ExpressionPrediction` over :attr:`genes_`, ``epistemic=None``.
 
         Examples
         --------

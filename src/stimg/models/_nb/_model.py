@@ -404,7 +404,7 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
 
         Returns
         -------
-        :class:`~stimg._prediction.ExpressionPrediction` over the model's genes, ``epistemic=None``.
+        :class:`~stimg.tl.ExpressionPrediction` over the model's genes, ``epistemic=None``.
 
         Examples
         --------
