@@ -65,3 +65,20 @@ def obs_mask(adata, mask, what: str = "mask") -> np.ndarray:
         msg = f"{what} must be a boolean array with one entry per spot ({adata.n_obs}), got {arr.dtype} {arr.shape}."
         raise ValueError(msg)
     return arr
+
+
+def check_indices(indices, n: int, name: str = "train_indices") -> np.ndarray:
+    """Integer positions from ``None`` (all ``n``), a boolean mask or integer indices, range-checked."""
+    if indices is None:
+        return np.arange(n)
+    arr = np.asarray(indices)
+    if arr.dtype == bool:
+        if arr.shape != (n,):
+            msg = f"Boolean {name} must have one entry per spot ({n}), got shape {arr.shape}."
+            raise ValueError(msg)
+        return np.flatnonzero(arr)
+    arr = arr.astype(int)
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        msg = f"{name} must lie in [0, {n}), got range [{arr.min()}, {arr.max()}]."
+        raise ValueError(msg)
+    return arr

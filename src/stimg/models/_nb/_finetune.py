@@ -22,7 +22,7 @@ from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._spatial import get_table
 from ..._utils import progress_bar, resolve_device, warn
-from ..._validate import assert_key_in, check_matrix, check_nonempty
+from ..._validate import assert_key_in, check_indices, check_matrix, check_nonempty
 from ._model import _counts_source, _interval, _moments
 from ._module import NBModule, nb_log_prob
 
@@ -346,14 +346,7 @@ class NBFinetuner:
     # ------------------------------------------------------------------ training
     def _split(self, train_indices, validation_size: float, early_stopping: bool, seed: int):
         n = len(self._counts)
-        if train_indices is None:
-            tr = np.arange(n)
-        else:
-            tr = np.asarray(train_indices)
-            tr = np.flatnonzero(tr) if tr.dtype == bool else tr.astype(int)
-            if tr.size and (tr.min() < 0 or tr.max() >= n):
-                msg = f"train_indices must lie in [0, {n}), got range [{tr.min()}, {tr.max()}]."
-                raise ValueError(msg)
+        tr = check_indices(train_indices, n)
         check_nonempty(tr.size, "The training set", "pass train_indices with at least one spot.")
         if not 0 <= validation_size < 1:
             msg = f"validation_size must be in [0, 1), got {validation_size!r}."

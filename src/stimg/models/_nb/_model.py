@@ -18,7 +18,7 @@ from ..._constants import TARGET_KEY
 from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._utils import warn
-from ..._validate import assert_key_in, check_matrix, check_nonempty
+from ..._validate import assert_key_in, check_indices, check_matrix, check_nonempty
 from ._constants import COUNTS_OBSM, LOG_LIB_OBS, NB_KEYS
 from ._module import NBModule, nb_log1p_moments, nb_mean_var, nb_mixture_quantiles
 
@@ -274,14 +274,7 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         >>> model.train(max_epochs=100, accelerator="cpu", train_indices=idx)  # doctest: +SKIP
         """
         n = self.adata.n_obs
-        if train_indices is None:
-            tr = np.arange(n)
-        else:
-            tr = np.asarray(train_indices)
-            tr = np.flatnonzero(tr) if tr.dtype == bool else tr.astype(int)
-            if tr.size and (tr.min() < 0 or tr.max() >= n):
-                msg = f"train_indices must lie in [0, {n}), got range [{tr.min()}, {tr.max()}]."
-                raise ValueError(msg)
+        tr = check_indices(train_indices, n)
         check_nonempty(tr.size, "train_indices")
         seed = self.seed_ if seed is None else int(seed)
         gen = np.random.default_rng(seed)
