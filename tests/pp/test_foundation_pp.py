@@ -147,3 +147,22 @@ def test_select_genes_on_training_sections_only():
         si.pp.select_genes(ad, 5, subset=np.zeros(ad.n_obs, bool))
     with pytest.raises(ValueError, match="n_top"):
         si.pp.select_genes(ad, 500)
+
+
+def test_in_memory_chunk_reader_matches_dask_slicing():
+    import dask.array as da
+
+    from stimg.pp._patch_dataset import _InMemoryChunks
+
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 255, (3, 300, 257), dtype=np.uint8)
+    arr = da.from_array(full, chunks=(3, 64, 50))
+    reader = _InMemoryChunks.from_dask(arr)
+    assert reader is not None
+    for _ in range(100):
+        y0, x0 = rng.integers(0, 250), rng.integers(0, 200)
+        h, w = rng.integers(1, 300 - y0), rng.integers(1, 257 - x0)
+        np.testing.assert_array_equal(reader[:, y0:y0 + h, x0:x0 + w], full[:, y0:y0 + h, x0:x0 + w])
+    # anything but plain in-memory chunks (here a lazy transform) is not read this way
+    assert _InMemoryChunks.from_dask(arr + 1) is None
+    assert _InMemoryChunks.from_dask(da.from_array(full, chunks=(1, 64, 50))) is None

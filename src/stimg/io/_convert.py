@@ -95,9 +95,12 @@ def to_spatialdata(sections: list[SectionData]):
             xy, geometry=0, radius=np.full(n, s.spot_diameter_px / 2.0), index=pd.RangeIndex(n), transformations=cs
         )
         if s.image is not None:
+            import dask.array as da
+
+            # chunk once here (parse would otherwise chunk and rechunk again, copying twice)
+            arr = da.from_array(np.moveaxis(s.image, -1, 0), chunks=(3, 4096, 4096))
             images[f"{s.library_id}_full_image"] = Image2DModel.parse(
-                np.moveaxis(s.image, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-                transformations=dict(cs), chunks=(3, 4096, 4096),
+                arr, dims=("c", "y", "x"), c_coords=["r", "g", "b"], transformations=dict(cs),
             )
     table = _concat_tables(sections)
     table.obs[REGION_KEY] = pd.Categorical(table.obs[REGION_KEY].astype(str), categories=[s.library_id for s in sections])

@@ -13,13 +13,57 @@ from .._logging import logger
 from .._spatial import Section
 
 
+class _InMemoryChunks:
+    """Window reads straight from the chunks of an in-memory dask array (no copy, no scheduler).
+
+    Built only when the array's graph is a single layer holding one materialised ``ndarray`` per
+    block (what :func:`dask.array.from_array` makes of an in-memory image); otherwise
+    :meth:`from_dask` returns ``None`` and the caller falls back to a one-off read.
+    """
+
+    def __init__(self, blocks: dict, bounds: list[np.ndarray], shape: tuple, dtype) -> None:
+        self.blocks, self.bounds, self.shape, self.dtype = blocks, bounds, shape, dtype
+
+    @classmethod
+    def from_dask(cls, arr) -> _InMemoryChunks | None:
+        try:
+            graph = arr.__dask_graph__()
+            if len(getattr(graph, "layers", {0: 0})) != 1 or arr.numblocks[0] != 1:
+                return None
+            blocks = {}
+            for idx in np.ndindex(*arr.numblocks):
+                block = graph[(arr.name, *idx)]
+                want = tuple(arr.chunks[d][i] for d, i in enumerate(idx))
+                if not isinstance(block, np.ndarray) or block.shape != want or block.dtype != arr.dtype:
+                    return None
+                blocks[idx[1:]] = block
+        except (KeyError, AttributeError, TypeError):
+            return None
+        bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[1:]]
+        return cls(blocks, bounds, tuple(arr.shape), arr.dtype)
+
+    def __getitem__(self, key) -> np.ndarray:
+        _, ys, xs = key
+        out = np.empty((self.shape[0], ys.stop - ys.start, xs.stop - xs.start), self.dtype)
+        by, bx = self.bounds
+        for i in range(np.searchsorted(by, ys.start, "right") - 1, np.searchsorted(by, ys.stop, "left")):
+            y0, y1 = max(ys.start, by[i]), min(ys.stop, by[i + 1])
+            for j in range(np.searchsorted(bx, xs.start, "right") - 1, np.searchsorted(bx, xs.stop, "left")):
+                x0, x1 = max(xs.start, bx[j]), min(xs.stop, bx[j + 1])
+                out[:, y0 - ys.start:y1 - ys.start, x0 - xs.start:x1 - xs.start] = \
+                    self.blocks[(i, j)][:, y0 - by[i]:y1 - by[i], x0 - bx[j]:x1 - bx[j]]
+        return out
+
+
 class PatchDataset(Dataset):
     """Patches of ``patch_um`` µm around each spot, resized to ``patch_px`` pixels.
 
     Item ``i`` is a ``(3, patch_px, patch_px)`` uint8 tensor for spot ``obs_index[i]`` of the
     table (or whatever ``transform`` returns). Windows that reach past the image border are
-    padded with ``pad_value``. Images no larger than ``cache_bytes`` are read into memory once
-    per section (never once per patch); larger, dask-backed images are read window by window.
+    padded with ``pad_value``. Images already in memory (dask arrays over in-memory chunks, as
+    the readers make them) are read window by window from their chunks without a copy; other
+    lazy images no larger than ``cache_bytes`` are read into memory once per section (never once
+    per patch), and larger ones window by window.
     Works with :class:`torch.utils.data.DataLoader` workers.
 
     Attributes
@@ -61,7 +105,10 @@ class PatchDataset(Dataset):
         for s in sections:
             arr = s.image_array()
             nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
-            if not isinstance(arr, np.ndarray) and nbytes <= budget:
+            chunks = None if isinstance(arr, np.ndarray) else _InMemoryChunks.from_dask(arr)
+            if chunks is not None:
+                arr = chunks  # already in memory: read windows from its chunks, no copy
+            elif not isinstance(arr, np.ndarray) and nbytes <= budget:
                 arr = np.asarray(arr)  # one read per section
                 budget -= nbytes
             elif isinstance(arr, np.ndarray):
