@@ -22,8 +22,8 @@ from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._spatial import get_table
 from ..._utils import progress_bar, resolve_device, warn
-from ..._validate import assert_key_in, check_indices, check_matrix, check_nonempty
-from ._model import _counts_source, _interval, _moments
+from ..._validate import check_indices, check_matrix, check_nonempty
+from ._model import _counts_source, _interval, _moments, _resolve_genes
 from ._module import NBModule, nb_log_prob
 
 _FORMAT = "stimg.NBFinetuner/1"
@@ -31,29 +31,6 @@ _N_STATS = 256  # training patches used to standardise the initial features
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _finetune_genes(table, genes: Sequence[str] | None, target_key: str | None) -> list[str]:
-    """Target genes: ``genes``, else the boolean ``.var[target_key]``, else (``target_key=None``) all genes."""
-    if genes is not None:
-        genes = [str(g) for g in genes]
-        check_nonempty(len(genes), "genes")
-        missing = pd.Index(genes).difference(table.var_names)
-        if len(missing):
-            msg = (f"{len(missing)} of {len(genes)} genes are missing from the table's var_names "
-                   f"(e.g. {list(missing[:5])}; the table has e.g. {list(table.var_names[:5])}).")
-            raise KeyError(msg)
-        return genes
-    if target_key is None:
-        return list(table.var_names)
-    assert_key_in(table.var, target_key, where="table.var",
-                  hint="Select target genes (si.pp.select_genes), pass genes=, or target_key=None for all genes.")
-    mask = table.var[target_key].to_numpy()
-    if mask.dtype != bool:
-        msg = f"table.var[{target_key!r}] must be a boolean gene mask, got dtype {mask.dtype}."
-        raise TypeError(msg)
-    check_nonempty(int(mask.sum()), f"table.var[{target_key!r}]", "select target genes first (si.pp.select_genes).")
-    return list(table.var_names[mask])
-
-
 def _target_counts(table, genes: list[str], layer: str | None) -> np.ndarray:
     src = _counts_source(table, layer)
     y = check_matrix(src[:, table.var_names.get_indexer(genes)], "target counts", n_obs=table.n_obs)
@@ -312,7 +289,7 @@ class NBFinetuner:
         from ...pp import extract_patches
 
         table = get_table(data, table_key)
-        self.genes_ = _finetune_genes(table, genes, target_key)
+        self.genes_ = _resolve_genes(table, target_key, genes, require_key=True)
         counts = _target_counts(table, self.genes_, layer)
         with torch.random.fork_rng():
             torch.manual_seed(seed)

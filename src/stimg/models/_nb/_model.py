@@ -32,22 +32,31 @@ def _counts_source(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def _resolve_genes(adata: AnnData, target_key: str | None, genes: Sequence[str] | None) -> list[str]:
+def _resolve_genes(adata: AnnData, target_key: str | None, genes: Sequence[str] | None, *,
+                   require_key: bool = False) -> list[str]:
+    """Target genes: ``genes``, else the boolean ``.var[target_key]``, else all genes.
+
+    With ``require_key``, a ``target_key`` absent from ``.var`` raises instead of selecting all genes.
+    """
     if genes is not None:
         genes = [str(g) for g in genes]
+        check_nonempty(len(genes), "genes")
         missing = pd.Index(genes).difference(adata.var_names)
         if len(missing):
-            msg = f"{len(missing)} target genes are missing from adata.var_names (e.g. {list(missing[:5])})."
+            msg = (f"{len(missing)} of {len(genes)} target genes are missing from var_names "
+                   f"(e.g. {list(missing[:5])}; the table has e.g. {list(adata.var_names[:5])}).")
             raise KeyError(msg)
         return genes
-    if target_key is not None and target_key in adata.var:
-        mask = adata.var[target_key].to_numpy()
-        if mask.dtype != bool:
-            msg = f"adata.var[{target_key!r}] must be a boolean gene mask, got dtype {mask.dtype}."
-            raise TypeError(msg)
-        check_nonempty(int(mask.sum()), f"adata.var[{target_key!r}]", "select target genes first (si.pp.select_genes).")
-        return list(adata.var_names[mask])
-    return list(adata.var_names)
+    if target_key is None or (target_key not in adata.var and not require_key):
+        return list(adata.var_names)
+    assert_key_in(adata.var, target_key, where="table.var",
+                  hint="Select target genes (si.pp.select_genes), pass genes=, or target_key=None for all genes.")
+    mask = adata.var[target_key].to_numpy()
+    if mask.dtype != bool:
+        msg = f"table.var[{target_key!r}] must be a boolean gene mask, got dtype {mask.dtype}."
+        raise TypeError(msg)
+    check_nonempty(int(mask.sum()), f"table.var[{target_key!r}]", "select target genes first (si.pp.select_genes).")
+    return list(adata.var_names[mask])
 
 
 def _log_library(adata: AnnData, library_size: bool | str, layer: str | None) -> np.ndarray:
