@@ -270,3 +270,18 @@ def test_imagenet_cnns_random_weights(name, dim):
 def test_import_stimg_does_not_import_torch():
     code = "import sys, stimg, stimg.pp, stimg.encoders; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_embed_with_per_section_stain_normalisers():
+
+    sd = si.datasets.synthetic(16, 5, n_sections=2)
+    tf = si.pp.stain_normalize(sd, reference="S0", inplace=False)
+    assert tf["S1"].cache_key == si.pp.stain_normalize(sd, reference="S0", inplace=False)["S1"].cache_key
+    si.pp.embed(sd, patch_px=64, stain=tf, pretrained=False, progress=False)
+    table = sd.tables["table"]
+    params = table.uns["X_efficientnet_lite0"]["params"]
+    assert params["stain"] == {lib: t.cache_key for lib, t in tf.items()}
+    raw = si.pp.embed(sd, patch_px=64, pretrained=False, inplace=False, progress=False)
+    assert not np.allclose(raw, table.obsm["X_efficientnet_lite0"])
+    with pytest.raises(KeyError, match="no normaliser"):
+        si.pp.embed(sd, patch_px=64, stain={"S0": tf["S0"]}, pretrained=False, progress=False)

@@ -8,7 +8,7 @@ import json
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,7 @@ def embed(
     num_workers: int | None = None,
     accelerator: str | None = None,
     amp: bool | None = None,
-    stain: Callable[[np.ndarray], np.ndarray] | None = None,
+    stain: Callable[[np.ndarray], np.ndarray] | Mapping[str, Callable] | None = None,
     weights: str | os.PathLike | dict | None = None,
     pretrained: bool = True,
     model_kwargs: dict | None = None,
@@ -235,8 +235,9 @@ def embed(
     amp
         Mixed precision (bfloat16, or float16 where bfloat16 is unsupported). ``None``: on GPU only.
     stain
-        Per-patch stain normaliser ``(y, x, 3) uint8 → (y, x, 3) uint8`` (e.g. from
-        :func:`stimg.pp.stain_normalize`); its ``cache_key`` attribute, when present, keys the cache.
+        Per-patch stain normaliser ``(y, x, 3) uint8 → (y, x, 3) uint8``, or a dict of them per
+        section as returned by :func:`stimg.pp.stain_normalize` with ``inplace=False``; a
+        normaliser's ``cache_key`` attribute, when present, keys the cache.
     weights
         Local weights for a registry encoder (gated foundation models offline); see
         :func:`stimg.encoders.get_encoder`.
@@ -290,8 +291,9 @@ def embed(
     if num_workers is not None and int(num_workers) < 0:
         msg = f"num_workers must be ≥ 0, got {num_workers!r}."
         raise ValueError(msg)
-    if stain is not None and not callable(stain):
-        msg = f"stain must be a function of a (y, x, 3) uint8 patch, got {type(stain).__name__}."
+    if stain is not None and not callable(stain) and not isinstance(stain, Mapping):
+        msg = (f"stain must be a function of a (y, x, 3) uint8 patch or a dict of them per section, "
+               f"got {type(stain).__name__}.")
         raise TypeError(msg)
     from .._utils import resolve_device
 
@@ -318,14 +320,22 @@ def embed(
         else:
             patch_px = enc.input_px
     patch_px = int(patch_px)
-    skey, stable = _stain_key(stain)
-    store = _FeatureCache(cache_dir, persistent=stable)
+    if isinstance(stain, Mapping):  # one normaliser per section (si.pp.stain_normalize(inplace=False))
+        if missing := [sec.library_id for sec in secs if sec.library_id not in stain]:
+            msg = f"stain has no normaliser for sections {missing}; fit it on every section embedded."
+            raise KeyError(msg)
+        keys = {sec.library_id: _stain_key(stain[sec.library_id]) for sec in secs}
+    else:
+        keys = {sec.library_id: _stain_key(stain) for sec in secs}
+    skeys = {lib: k for lib, (k, _) in keys.items()}
+    skey = skeys[secs[0].library_id] if len(set(skeys.values())) == 1 else skeys
+    store = _FeatureCache(cache_dir, persistent=all(stable for _, stable in keys.values()))
     key_added = key_added or f"X_{name}"
 
     # cache look-up per section
     plans = []
     for s in secs:
-        ckey = _hash(ident, float(patch_um), patch_px, skey, _image_fingerprint(s), float(s.mpp))
+        ckey = _hash(ident, float(patch_um), patch_px, skeys[s.library_id], _image_fingerprint(s), float(s.mpp))
         entry = store.get(ckey) if cache else None
         rows = _lookup(entry, s.xy)
         plans.append((s, ckey, entry, rows))

@@ -99,6 +99,18 @@ class StainTransform:
     source: dict = field(repr=False)
     target: dict = field(repr=False)
 
+    @property
+    def cache_key(self) -> str:
+        """Stable identity of this mapping (method and fitted statistics), for feature caches."""
+        import hashlib
+
+        h = hashlib.sha256(self.method.encode())
+        for stats in (self.source, self.target):
+            for k in sorted(stats):
+                h.update(k.encode())
+                h.update(np.ascontiguousarray(stats[k], dtype=np.float64).tobytes())
+        return f"stain-{self.method}-{h.hexdigest()[:16]}"
+
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         shape = rgb.shape
         px = np.asarray(rgb, dtype=np.float64).reshape(-1, 3)
