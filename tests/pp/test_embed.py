@@ -273,7 +273,6 @@ def test_import_stimg_does_not_import_torch():
 
 
 def test_embed_with_per_section_stain_normalisers():
-
     sd = si.datasets.synthetic(16, 5, n_sections=2)
     tf = si.pp.stain_normalize(sd, reference="S0", inplace=False)
     assert tf["S1"].cache_key == si.pp.stain_normalize(sd, reference="S0", inplace=False)["S1"].cache_key
