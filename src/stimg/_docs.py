@@ -22,7 +22,32 @@ _progress = """progress
 _key_added = """key_added
     Where to write the result. ``None`` derives it from the inputs."""
 
+# --- the model contract (stimg.models._base): shared by every trainable model's train()/save()/load()
+_max_epochs = """max_epochs
+    Maximum number of epochs (``None``: the model's default)."""
+_train_indices = """train_indices
+    Spots to train on: integer positions, a boolean mask, or the name of a boolean ``.obs``
+    column (e.g. ``'si_sampled'`` from :func:`stimg.tl.active_sample`). ``None`` uses all spots."""
+_accelerator = """accelerator
+    ``'cpu'``, ``'gpu'``/``'cuda'``, ``'auto'``; ``None`` uses :attr:`stimg.settings.accelerator`."""
+_devices = """devices
+    Lightning ``devices`` (a count, a list of ids or ``'auto'``); ``None`` uses
+    :attr:`stimg.settings.devices`. Several devices train with DDP (``strategy=`` in ``trainer_kwargs``)."""
+_seed = """seed
+    Random seed of initialisation, splits and minibatch order; ``None`` uses :attr:`stimg.settings.seed`."""
+_save_path = """path
+    File to write (one safetensors file with a JSON header; no pickle). Conventionally ``*.stimg``."""
+_overwrite = """overwrite
+    Replace an existing file."""
+
 d = DocstringProcessor(
+    max_epochs=_max_epochs,
+    train_indices=_train_indices,
+    accelerator=_accelerator,
+    devices=_devices,
+    seed=_seed,
+    save_path=_save_path,
+    overwrite=_overwrite,
     data=_data,
     table_key=_table_key,
     library_id=_library_id,

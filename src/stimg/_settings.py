@@ -23,6 +23,8 @@ class _Settings:
         Show progress bars on long loops.
     accelerator
         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``/``"gpu"`` or ``"mps"``.
+    devices
+        Default Lightning ``devices`` of every model's ``train`` (``"auto"``, a count or a list of ids).
     batch_size
         Default batch size for image encoders.
     num_workers
@@ -36,6 +38,7 @@ class _Settings:
         self._verbosity = 2
         self.progress: bool = True
         self.accelerator: str = "auto"
+        self.devices: int | str | list[int] = "auto"
         self.batch_size: int = 64
         self.num_workers: int = 0
         self.seed: int = 0
@@ -70,7 +73,7 @@ class _Settings:
         logging.getLogger("stimg").setLevel(_LEVELS[self._verbosity])
 
     def __repr__(self) -> str:
-        fields = ["datadir", "verbosity", "progress", "accelerator", "batch_size", "num_workers", "seed"]
+        fields = ["datadir", "verbosity", "progress", "accelerator", "devices", "batch_size", "num_workers", "seed"]
         return "stimg settings\n" + "\n".join(f"  {f}: {getattr(self, f)!r}" for f in fields)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 
 _LAZY: dict[str, str] = {
+    # the one model contract: load any saved model file (issue 14)
+    "load_model": "._base",
     # ridge baseline on frozen features (issue 3)
     "RidgeRegressor": "._ridge",
     # NB regressor and ensembles (issue 4)
