@@ -1,5 +1,12 @@
 """Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings."""
 
+from ._context import (
+    CONTEXT_METHODS,
+    ContextMethod,
+    combine_features,
+    register_context_method,
+    spatial_context,
+)
 from ._embed import embed
 from ._genes import select_genes
 from ._patches import extract_patches
@@ -8,11 +15,16 @@ from ._tile import tile_image
 from ._tissue import tissue_coverage, tissue_mask
 
 __all__ = [
+    "CONTEXT_METHODS",
+    "ContextMethod",
     "PatchDataset",
     "StainTransform",
+    "combine_features",
     "embed",
     "extract_patches",
+    "register_context_method",
     "select_genes",
+    "spatial_context",
     "stain_normalize",
     "stain_vectors",
     "tile_image",

@@ -3,6 +3,7 @@
 from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
 from ._classify import classify_expression
+from ._context import choose_spatial_context
 from ._evaluate import evaluate
 from ._predict import predict_expression
 from ._simulate import simulate_sampling
@@ -12,6 +13,7 @@ __all__ = [
     "ExpressionPrediction",
     "active_sample",
     "check_split_leakage",
+    "choose_spatial_context",
     "classify_expression",
     "evaluate",
     "predict_expression",
