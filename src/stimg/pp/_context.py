@@ -8,6 +8,7 @@ registry (:data:`CONTEXT_METHODS`, :func:`register_context_method`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,12 +41,16 @@ class ContextMethod:
         Weight of the spot itself in the pooled mean (``0``: neighbours only).
     prepend_self
         Put the spot's own features first, once, before the pooled blocks (one per radius).
+    uses_distance
+        Whether ``weight`` depends on the distances (``False`` lets a single-radius call skip
+        computing them).
     """
 
     name: str
     weight: Callable[[np.ndarray, float], np.ndarray]
     self_weight: float = 1.0
     prepend_self: bool = False
+    uses_distance: bool = True
 
 
 def _uniform(dist: np.ndarray, radius: float) -> np.ndarray:
@@ -91,9 +96,9 @@ def register_context_method(method: ContextMethod, *, overwrite: bool = False) -
     return method
 
 
-for _m in (ContextMethod("mean", _uniform),  # mean over the disc, the spot included
+for _m in (ContextMethod("mean", _uniform, uses_distance=False),  # mean over the disc, the spot included
            ContextMethod("gaussian", _gaussian),  # Gaussian-weighted mean, σ = radius / 2
-           ContextMethod("concat", _uniform, self_weight=0.0, prepend_self=True)):  # [own, neighbours' mean]
+           ContextMethod("concat", _uniform, self_weight=0.0, prepend_self=True, uses_distance=False)):
     register_context_method(_m)
 
 
@@ -123,8 +128,9 @@ def _resolve_method(method: str | ContextMethod) -> ContextMethod:
     return CONTEXT_METHODS[method]
 
 
-def neighbour_pairs(xy_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pairs ``i < j`` of points closer than ``radius_um`` and their distances (k-d tree).
+def neighbour_pairs(xy_um: np.ndarray, radius_um: float, *,
+                    distances: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Pairs ``i < j`` of points within ``radius_um`` of each other and their distances (k-d tree).
 
     Parameters
     ----------
@@ -132,6 +138,8 @@ def neighbour_pairs(xy_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, np
         ``(n, 2)`` coordinates in µm of one section.
     radius_um
         Search radius.
+    distances
+        Also return the distances (else ``None``).
 
     Returns
     -------
@@ -145,8 +153,10 @@ def neighbour_pairs(xy_um: np.ndarray, radius_um: float) -> tuple[np.ndarray, np
     tree = cKDTree(xy_um, balanced_tree=False, compact_nodes=False)  # 2-3× faster to build on spot grids
     p = tree.query_pairs(radius_um, output_type="ndarray")
     i, j = p[:, 0], p[:, 1]
-    diff = (xy_um[i] - xy_um[j]).astype(np.float32)
-    return i, j, np.sqrt((diff * diff).sum(1))
+    if not distances:
+        return i, j, None
+    dist = np.hypot(xy_um[i, 0] - xy_um[j, 0], xy_um[i, 1] - xy_um[j, 1]).astype(np.float32)
+    return i, j, dist
 
 
 def _pool(x: np.ndarray, i: np.ndarray, j: np.ndarray, dist: np.ndarray, radius: float,
@@ -155,13 +165,20 @@ def _pool(x: np.ndarray, i: np.ndarray, j: np.ndarray, dist: np.ndarray, radius:
     import scipy.sparse as sp
 
     n = x.shape[0]
-    keep = dist <= radius
-    i, j, dist = i[keep], j[keep], dist[keep]
-    w = np.asarray(method.weight(dist, radius), dtype=np.float32)
+    if dist is not None:
+        keep = dist <= radius
+        i, j, dist = i[keep], j[keep], dist[keep]
+    w = (np.ones(len(i), np.float32) if not method.uses_distance
+         else np.asarray(method.weight(dist, radius), dtype=np.float32))
     a = sp.csr_array((w, (i, j)), shape=(n, n))  # upper triangle; the graph is symmetric: A + Aᵀ
-    total = (np.float32(method.self_weight) * x + a @ x + a.T @ x).astype(np.float32, copy=False)
-    norm = method.self_weight + np.asarray(a.sum(1)).ravel() + np.asarray(a.sum(0)).ravel()
+    total = np.float32(method.self_weight) * x
+    total += a @ x
+    total += a.T @ x
     count = np.bincount(i, minlength=n) + np.bincount(j, minlength=n)
+    if method.uses_distance:
+        norm = method.self_weight + np.bincount(i, w, minlength=n) + np.bincount(j, w, minlength=n)
+    else:
+        norm = method.self_weight + count.astype(np.float64)
     alone = norm <= 0  # no neighbour and no self weight: the spot's own features
     if alone.any():
         total[alone], norm[alone] = x[alone], 1.0
@@ -186,6 +203,7 @@ def spatial_context(
     table_key: str = TABLE_KEY,
     library_key: str | None = None,
     spot_diameter_um: float | None = None,
+    n_jobs: int | None = None,
     inplace: bool = True,
 ) -> np.ndarray | None:
     """Pool each spot's features with its neighbours' within ``radius_um`` µm, per section.
@@ -220,6 +238,8 @@ def spatial_context(
     spot_diameter_um
         Physical spot diameter, to derive µm per pixel when the table records neither
         ``microns_per_pixel`` nor ``spot_diameter_um`` in its scale factors.
+    n_jobs
+        Threads pooling sections in parallel; ``None`` uses one per CPU core (at most one per section).
     %(inplace)s
 
     Returns
@@ -263,18 +283,32 @@ def spatial_context(
         msg = (f"No µm scale for sections {missing}: record scalefactors['microns_per_pixel'] (or "
                "'spot_diameter_fullres') in table.uns['spatial'][section], or pass spot_diameter_um=.")
         raise ValueError(msg)
-    blocks = ([x] if meth.prepend_self else []) + [np.empty_like(x) for _ in radii]
-    n_neigh = {r: [] for r in radii}
-    r_max = max(radii)
-    for s in secs:
-        xy = np.asarray(s.xy, dtype=np.float64) * float(s.mpp)
-        i, j, dist = neighbour_pairs(xy, r_max)
-        xs = x[s.obs_index]
-        for b, r in enumerate(radii):
-            pooled, count = _pool(xs, i, j, dist, r, meth)
-            blocks[b + int(meth.prepend_self)][s.obs_index] = pooled
-            n_neigh[r].append(count)
-    out = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, axis=1)
+    dim, first = x.shape[1], int(meth.prepend_self)
+    out = np.empty((table.n_obs, dim * (len(radii) + first)), np.float32)
+    if first:
+        out[:, :dim] = x
+    dists = meth.uses_distance or len(radii) > 1
+
+    def run(sec) -> list[np.ndarray]:
+        idx = sec.obs_index
+        rows = slice(idx[0], idx[-1] + 1) if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else idx  # contiguous: a view
+        i, j, dist = neighbour_pairs(np.asarray(sec.xy, dtype=np.float64) * float(sec.mpp), max(radii), distances=dists)
+        counts = []
+        for b, r in enumerate(radii, start=first):
+            pooled, count = _pool(x[rows], i, j, dist, r, meth)
+            out[rows, b * dim:(b + 1) * dim] = pooled
+            counts.append(count)
+        return counts
+
+    workers = max(1, min(len(secs), (os.cpu_count() or 1) if n_jobs is None else int(n_jobs)))
+    if workers == 1:
+        per_sec = [run(sec) for sec in secs]
+    else:  # the k-d tree queries and sparse products release the GIL
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as ex:
+            per_sec = list(ex.map(run, secs))
+    n_neigh = {r: [c[k] for c in per_sec] for k, r in enumerate(radii)}
     if not inplace:
         return out
     table.obsm[key_added] = out
