@@ -46,16 +46,17 @@ def test_concat_and_radius_zero(adata):
     same = si.pp.spatial_context(adata, "X_synthetic", radius_um=0, inplace=False)
     np.testing.assert_array_equal(same, x)
     c = si.pp.spatial_context(adata, "X_synthetic", radius_um=[0, 210], method="concat", inplace=False)
-    assert c.shape == (adata.n_obs, 96)
+    assert c.shape == (adata.n_obs, 64)  # own features first: radius 0 adds nothing
     np.testing.assert_array_equal(c[:, :32], x)
-    np.testing.assert_array_equal(c[:, 32:64], x)  # no neighbour at 0 µm: own features
+    np.testing.assert_array_equal(si.pp.spatial_context(adata, "X_synthetic", radius_um=0, method="concat",
+                                                        inplace=False), x)
     libs = adata.obs["library_id"].to_numpy()
     xy = adata.obsm["spatial"].astype(float)
     corner = 0  # grid corner: neighbours at +x and +y only
     nb = (np.hypot(*(xy - xy[corner]).T) <= 210) & (libs == libs[corner])
     nb[corner] = False
     assert nb.sum() == 2
-    np.testing.assert_allclose(c[corner, 64:], x[nb].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(c[corner, 32:], x[nb].mean(0), rtol=1e-6)
 
 
 def test_radius_is_physical_across_pixel_sizes():
@@ -131,3 +132,18 @@ def test_combine_features_multi_scale(adata):
     model = si.models.RidgeRegressor(n_components=8).fit(adata, "both")
     si.tl.predict_expression(adata, model)
     assert np.isfinite(adata.layers["si_pred"]).all()
+
+
+def test_context_settings_are_part_of_the_embedding_provenance(adata):
+    from stimg.models._base import check_embedding, embedding_provenance
+
+    adata.uns["X_synthetic"] = {"params": {"encoder": "synthetic", "patch_um": 112.0, "patch_px": 224}}
+    si.pp.spatial_context(adata, "X_synthetic", radius_um=500, method="concat", key_added="ctx")
+    prov = embedding_provenance(adata, "ctx")
+    assert prov["encoder"] == "synthetic" and prov["patch_um"] == 112.0 and prov["dim"] == 64
+    assert "radius_um=[500.0]" in prov["context"] and "'concat'" in prov["context"]
+    other = adata.copy()
+    si.pp.spatial_context(other, "X_synthetic", radius_um=250, method="concat", key_added="ctx")
+    with pytest.raises(ValueError, match="derive it the same way"):
+        check_embedding(other, prov)
+    assert check_embedding(adata, prov) == "ctx"

@@ -284,17 +284,19 @@ def spatial_context(
                "'spot_diameter_fullres') in table.uns['spatial'][section], or pass spot_diameter_um=.")
         raise ValueError(msg)
     dim, first = x.shape[1], int(meth.prepend_self)
-    out = np.empty((table.n_obs, dim * (len(radii) + first)), np.float32)
+    pooled_radii = [r for r in radii if r > 0] if first else radii  # with the spot first, radius 0 adds nothing
+    out = np.empty((table.n_obs, dim * (len(pooled_radii) + first)), np.float32)
     if first:
         out[:, :dim] = x
-    dists = meth.uses_distance or len(radii) > 1
+    dists = meth.uses_distance or len(pooled_radii) > 1
 
     def run(sec) -> list[np.ndarray]:
         idx = sec.obs_index
         rows = slice(idx[0], idx[-1] + 1) if len(idx) and idx[-1] - idx[0] + 1 == len(idx) else idx  # contiguous: a view
-        i, j, dist = neighbour_pairs(np.asarray(sec.xy, dtype=np.float64) * float(sec.mpp), max(radii), distances=dists)
+        r_max = max(pooled_radii, default=0.0)
+        i, j, dist = neighbour_pairs(np.asarray(sec.xy, dtype=np.float64) * float(sec.mpp), r_max, distances=dists)
         counts = []
-        for b, r in enumerate(radii, start=first):
+        for b, r in enumerate(pooled_radii, start=first):
             pooled, count = _pool(x[rows], i, j, dist, r, meth)
             out[rows, b * dim:(b + 1) * dim] = pooled
             counts.append(count)
@@ -308,14 +310,14 @@ def spatial_context(
 
         with ThreadPoolExecutor(workers) as ex:
             per_sec = list(ex.map(run, secs))
-    n_neigh = {r: [c[k] for c in per_sec] for k, r in enumerate(radii)}
+    n_neigh = {r: [c[k] for c in per_sec] for k, r in enumerate(pooled_radii)}
     if not inplace:
         return out
     table.obsm[key_added] = out
     table.uns[key_added] = {"params": {
         **_source_params(table, embedding_key), "function": "spatial_context", "embedding_key": embedding_key,
         "radius_um": radii, "method": meth.name, "library_key": lib_key, "dim": int(out.shape[1]),
-        "median_neighbours": [float(np.median(np.concatenate(n_neigh[r]))) for r in radii],
+        "median_neighbours": [float(np.median(np.concatenate(n_neigh[r]))) for r in pooled_radii],
         "library_id": [s.library_id for s in secs],
     }}
     log_added("obsm", key_added, start)
