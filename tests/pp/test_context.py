@@ -26,7 +26,7 @@ def test_mean_and_gaussian_match_brute_force_per_section(adata):
     libs = adata.obs["library_id"].to_numpy()
     # both sections share pixel coordinates: any leak across sections would change the result
     assert np.allclose(xy[libs == "S0"], xy[libs == "S1"])
-    si.pp.spatial_context(adata, "X_synthetic", radius_um=[250, 450], key_added="ctx")
+    si.pp.spatial_context(adata, "X_synthetic", radius_um=[250, 450], method="mean", key_added="ctx")
     got = adata.obsm["ctx"]
     assert got.shape == (adata.n_obs, 64) and got.dtype == np.float32
     np.testing.assert_allclose(got[:, :32], _brute(x, xy, libs, 250), rtol=1e-5, atol=1e-5)
@@ -43,7 +43,7 @@ def test_mean_and_gaussian_match_brute_force_per_section(adata):
 
 def test_concat_and_radius_zero(adata):
     x = adata.obsm["X_synthetic"]
-    same = si.pp.spatial_context(adata, "X_synthetic", radius_um=0, inplace=False)
+    same = si.pp.spatial_context(adata, "X_synthetic", radius_um=0, method="mean", inplace=False)
     np.testing.assert_array_equal(same, x)
     c = si.pp.spatial_context(adata, "X_synthetic", radius_um=[0, 210], method="concat", inplace=False)
     assert c.shape == (adata.n_obs, 64)  # own features first: radius 0 adds nothing
@@ -69,7 +69,7 @@ def test_radius_is_physical_across_pixel_sizes():
     ca = si.pp.spatial_context(a, "X_synthetic", radius_um=150, inplace=False)
     cb = si.pp.spatial_context(b, "X_synthetic", radius_um=150, inplace=False)
     np.testing.assert_allclose(ca, cb, rtol=1e-6)
-    assert not np.allclose(ca, a.obsm["X_synthetic"])
+    assert not np.allclose(ca[:, 32:], a.obsm["X_synthetic"])
 
 
 def test_spatialdata_input_matches_anndata():
@@ -120,9 +120,9 @@ def test_combine_features_multi_scale(adata):
     adata.uns["ctx"]["params"]["encoder"] = "synthetic"
     si.pp.combine_features(adata, ["X_synthetic", "ctx"], key_added="both", standardize=True)
     both = adata.obsm["both"]
-    assert both.shape == (adata.n_obs, 64)
+    assert both.shape == (adata.n_obs, 96)  # 32 + (own 32 + context 32)
     p = adata.uns["both"]["params"]
-    assert p["keys"] == ["X_synthetic", "ctx"] and p["dims"] == [32, 32] and p["encoder"] == "synthetic"
+    assert p["keys"] == ["X_synthetic", "ctx"] and p["dims"] == [32, 64] and p["encoder"] == "synthetic"
     np.testing.assert_allclose(both[:, :32] * p["scales"][0], adata.obsm["X_synthetic"], rtol=1e-5)
     np.testing.assert_allclose(both[:, :32].var(0).mean(), 1.0, rtol=1e-4)
     with pytest.raises(ValueError, match="at least two"):

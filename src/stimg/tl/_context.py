@@ -16,8 +16,8 @@ from .._spatial import get_table, library_column
 from .._validate import assert_key_in, check_nonempty, obs_mask
 from ..pp._context import _radii, _resolve_method, _written_here, spatial_context
 
-#: Default candidate contexts (µm): none, then single discs and two-scale combinations.
-DEFAULT_CONTEXT_CANDIDATES: tuple[float | tuple[float, ...], ...] = (0.0, 250.0, 400.0, 600.0, (0.0, 400.0))
+#: Default candidate radii (µm) of :func:`choose_spatial_context`; with ``'concat'``, 0 is "no context".
+DEFAULT_CONTEXT_CANDIDATES: tuple[float | tuple[float, ...], ...] = (0.0, 250.0, 500.0, 750.0)
 
 
 def _label(radii: list[float]) -> str:
@@ -42,7 +42,7 @@ def choose_spatial_context(
     embedding_key: str = "X_efficientnet_lite0",
     *,
     candidates: Sequence[float | Sequence[float]] = DEFAULT_CONTEXT_CANDIDATES,
-    method: str = "mean",
+    method: str = "concat",
     train_mask: np.ndarray | str | None = None,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
@@ -68,8 +68,9 @@ def choose_spatial_context(
     embedding_key
         ``.obsm`` key of the features to pool.
     candidates
-        Contexts to compare: each a radius in µm (``0``: the spot alone) or a list of radii
-        (multi-scale: blocks concatenated).
+        Contexts to compare: each a radius in µm or a list of radii (multi-scale), as
+        ``radius_um`` of :func:`stimg.pp.spatial_context`. The default (0, 250, 500, 750 µm with
+        ``'concat'``) always includes "no context", so the choice can be "none".
     method
         Aggregation of :func:`stimg.pp.spatial_context` (a :data:`~stimg.pp.CONTEXT_METHODS` name).
     train_mask
@@ -102,7 +103,8 @@ def choose_spatial_context(
     --------
     >>> import numpy as np, stimg as si
     >>> adata = si.datasets.synthetic(100, 12, n_sections=3, image=False, as_anndata=True)
-    >>> res = si.tl.choose_spatial_context(adata, "X_synthetic", candidates=[0, 250, 450], n_components=8)
+    >>> res = si.tl.choose_spatial_context(adata, "X_synthetic", candidates=[0, 250, 450], n_components=8,
+    ...                                    genes=list(adata.var_names))
     >>> adata.uns["X_synthetic_context"]["params"]["radius_um"] == res.loc[res.chosen, "radius_um"].iloc[0]
     True
     """
