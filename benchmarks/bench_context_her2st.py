@@ -8,13 +8,15 @@ test slide on log1p counts). Context features are computed per section with ``si
 Settings (``.obsm`` features fed to both models):
 
 * ``none``: the 112 µm patch features.
-* ``mean r``: the mean of the features within r µm (the spot included), in place of the spot's own.
-* ``0+r``: multi-scale ``radius_um=[0, r]``: the spot's own features and the mean within r µm.
+* ``mean r``: ``method='mean'``: the mean of the features within r µm (the spot included), *in place*
+  of the spot's own features.
+* ``concat r`` (``spatial_context``'s default method, default r = 500): the spot's own features and
+  the mean of its neighbours' within r µm.
 * ``patches 112+336``: ``si.pp.embed`` at ``patch_um=336`` into a second key, joined with
   ``si.pp.combine_features`` (TRIPLEX's local + global views).
-* ``patches 112+336, 0+500``: the same plus the mean of the 112 µm features within 500 µm.
-* ``CV-chosen``: ``si.tl.choose_spatial_context`` with its default candidates, cross-validated on the
-  fold's training sections only (leave-one-section-out ridge scorer).
+* ``patches 112+336 + concat 500``: ``concat 500`` of the 112 µm features joined with the 336 µm ones.
+* ``CV-chosen``: ``si.tl.choose_spatial_context`` with its defaults (concat; 0, 250, 500, 750 µm),
+  cross-validated on the fold's training sections only (leave-one-section-out ridge scorer).
 
 Models: ``si.models.RidgeRegressor()`` (defaults: PCA 256, alpha by section-grouped CV) and
 ``si.models.NBEnsemble`` (defaults: 5 members, ``NBRegressor`` defaults, CPU). On C→A1 the NB ensemble is
@@ -43,8 +45,8 @@ from _protocol import DEFAULT_CACHE, EMBED_KEY, FOLDS, fold_data, load, score, s
 
 import stimg as si  # noqa: E402
 
-SETTINGS = ["none", "mean 250", "mean 500", "0+250", "0+500", "0+750", "patches 112+336",
-            "patches 112+336, 0+500", "CV-chosen"]
+SETTINGS = ["none", "mean 250", "mean 500", "concat 250", "concat 500", "concat 750", "patches 112+336",
+            "patches 112+336 + concat 500", "CV-chosen"]
 
 
 def features(adata, setting: str, fold, genes) -> tuple[str, dict]:
@@ -60,15 +62,14 @@ def features(adata, setting: str, fold, genes) -> tuple[str, dict]:
                      "cv": dict(zip(res["context"], res["mean_pcc"].round(4), strict=True))}
     if key in adata.obsm:
         return key, {}
-    if setting.startswith("mean "):
-        si.pp.spatial_context(adata, EMBED_KEY, radius_um=float(setting.split()[1]), key_added=key)
-    elif setting.startswith("0+"):
-        si.pp.spatial_context(adata, EMBED_KEY, radius_um=[0.0, float(setting[2:])], key_added=key)
+    if setting.split()[0] in ("mean", "concat"):
+        method, radius = setting.split()
+        si.pp.spatial_context(adata, EMBED_KEY, radius_um=float(radius), method=method, key_added=key)
     elif setting == "patches 112+336":
         si.pp.combine_features(adata, [EMBED_KEY, "X_patch336"], key_added=key)
-    elif setting == "patches 112+336, 0+500":
-        si.pp.spatial_context(adata, EMBED_KEY, radius_um=500.0, key_added="X_mean500_for_patches")
-        si.pp.combine_features(adata, [EMBED_KEY, "X_patch336", "X_mean500_for_patches"], key_added=key)
+    elif setting == "patches 112+336 + concat 500":
+        si.pp.spatial_context(adata, EMBED_KEY, radius_um=500.0, key_added="X_concat500_for_patches")
+        si.pp.combine_features(adata, ["X_concat500_for_patches", "X_patch336"], key_added=key)
     else:
         msg = f"unknown setting {setting!r}; known: {SETTINGS}"
         raise ValueError(msg)
