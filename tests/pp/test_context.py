@@ -111,7 +111,10 @@ def test_registry_and_bad_input(adata):
         si.pp.register_context_method(m)
     out = si.pp.spatial_context(adata, "X_synthetic", radius_um=250, method="inverse_test", inplace=False)
     assert out.shape == adata.obsm["X_synthetic"].shape
-    si.pp.CONTEXT_METHODS.pop("inverse_test")
+    assert "inverse_test" in si.pp.list_context_methods()
+    from stimg.pp._context import CONTEXT_METHODS
+
+    CONTEXT_METHODS.pop("inverse_test")
 
 
 def test_combine_features_multi_scale(adata):

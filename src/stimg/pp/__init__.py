@@ -1,9 +1,9 @@
 """Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings."""
 
 from ._context import (
-    CONTEXT_METHODS,
     ContextMethod,
     combine_features,
+    list_context_methods,
     register_context_method,
     spatial_context,
 )
@@ -15,13 +15,13 @@ from ._tile import tile_image
 from ._tissue import tissue_coverage, tissue_mask
 
 __all__ = [
-    "CONTEXT_METHODS",
     "ContextMethod",
     "PatchDataset",
     "StainTransform",
     "combine_features",
     "embed",
     "extract_patches",
+    "list_context_methods",
     "register_context_method",
     "select_genes",
     "spatial_context",

@@ -3,7 +3,7 @@
 Neighbours come from a k-d tree (:class:`scipy.spatial.cKDTree`) over the spot centres in µm, built
 per section (never across sections); pooling is a sparse matrix product, so the cost grows
 linearly in spots × neighbours. Aggregations are small plug-ins (:class:`ContextMethod`) in a
-registry (:data:`CONTEXT_METHODS`, :func:`register_context_method`).
+registry (:func:`register_context_method`, :func:`list_context_methods`).
 """
 
 from __future__ import annotations
@@ -62,8 +62,20 @@ def _gaussian(dist: np.ndarray, radius: float) -> np.ndarray:
     return np.exp(-0.5 * (dist / np.float32(sigma)) ** 2)
 
 
-#: Registered aggregations, by name (see :func:`register_context_method`).
+# registered aggregations by name (register_context_method, list_context_methods)
 CONTEXT_METHODS: dict[str, ContextMethod] = {}
+
+
+def list_context_methods() -> list[str]:
+    """Names of the registered :class:`ContextMethod` s (valid ``method=`` of :func:`spatial_context`).
+
+    Examples
+    --------
+    >>> import stimg as si
+    >>> si.pp.list_context_methods()[:3]
+    ['mean', 'gaussian', 'concat']
+    """
+    return list(CONTEXT_METHODS)
 
 
 def register_context_method(method: ContextMethod, *, overwrite: bool = False) -> ContextMethod:
@@ -230,7 +242,7 @@ def spatial_context(
         order. Radius ``0`` pools nothing: the spot's own features for ``'mean'`` (so
         ``[0, 500]`` gives own + context), no block at all for ``'concat'``.
     method
-        A registered :class:`ContextMethod` name (:data:`CONTEXT_METHODS`) or the method itself:
+        A registered :class:`ContextMethod` name (:func:`list_context_methods`) or the method itself:
 
         - ``'concat'`` (default): the spot's own features, then per radius the mean of its
           neighbours within it (its own features when it has none) — ``1 + len(radii)`` times

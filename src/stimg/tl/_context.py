@@ -72,7 +72,7 @@ def choose_spatial_context(
         ``radius_um`` of :func:`stimg.pp.spatial_context`. The default (0, 250, 500, 750 µm with
         ``'concat'``) always includes "no context", so the choice can be "none".
     method
-        Aggregation of :func:`stimg.pp.spatial_context` (a :data:`~stimg.pp.CONTEXT_METHODS` name).
+        Aggregation of :func:`stimg.pp.spatial_context` (a name of :func:`~stimg.pp.list_context_methods`).
     train_mask
         Boolean array or ``.obs`` column of training spots (e.g. ``'si_split' == 'train'``);
         ``None`` uses all. They must span at least two sections.
