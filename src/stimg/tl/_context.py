@@ -11,9 +11,10 @@ import pandas as pd
 
 from .._constants import TABLE_KEY, TARGET_KEY
 from .._docs import d
-from .._logging import log_added, logger
+from .._logging import logger
 from .._spatial import get_table, library_column
 from .._validate import assert_key_in, check_nonempty, obs_mask
+from ..metrics._spatial import quiet_loggers
 from ..pp._context import _radii, _resolve_method, _written_here, spatial_context
 
 #: Default candidate radii (µm) of :func:`choose_spatial_context`; with ``'concat'``, 0 is "no context".
@@ -150,10 +151,12 @@ def choose_spatial_context(
     for c in cands:
         lab = _label(c)
         scores = {}
-        for tr, va in folds:
+        for tr, va in folds:  # the inner fits stay quiet: one log line for the whole choice
             sub = AnnData(np.expm1(y[tr]).astype(np.float32), var=pd.DataFrame(index=genes), obsm={"f": feats[lab][tr]},
                           obs=pd.DataFrame({"section": groups[tr]}, index=[str(i) for i in range(len(tr))]))
-            model = RidgeRegressor(n_components=n_components, cv=cv).fit(sub, "f", genes=genes, library_key="section")
+            with quiet_loggers("stimg"):
+                model = RidgeRegressor(n_components=n_components, cv=cv).fit(sub, "f", genes=genes,
+                                                                             library_key="section")
             pred = model.pipeline_.predict(feats[lab][va])
             held = str(groups[va][0]) if len(pd.unique(groups[va])) == 1 else f"fold{len(scores)}"
             scores[held] = float(pearson(y[va], pred, groups=groups[va], var_names=genes).mean)
@@ -165,8 +168,8 @@ def choose_spatial_context(
     best = int(np.nanargmax(res["mean_pcc"].to_numpy()))
     res["chosen"] = np.arange(len(res)) == best
     chosen = cands[best]
-    logger.info("spatial context: chose %s by %s over %d training sections (mean PCC %.3f)", _label(chosen),
-                type(splitter).__name__, n_groups, res["mean_pcc"].iloc[best])
+    logger.info("spatial context: chose %s by %s over %d training sections (mean PCC %.3f; %.1fs)", _label(chosen),
+                type(splitter).__name__, n_groups, res["mean_pcc"].iloc[best], time.perf_counter() - start)
     if not inplace:
         return res
     spatial_context(data, embedding_key, radius_um=chosen, method=meth, table_key=table_key, library_key=library_key,
@@ -177,5 +180,4 @@ def choose_spatial_context(
         "n_genes": len(genes), "candidates": list(res["context"]), "mean_pcc": res["mean_pcc"].tolist(),
         "sd_pcc": res["sd_pcc"].tolist(), "chosen": _label(chosen),
     }
-    log_added("uns", f"{key_added}']['params']['selection", start)
     return res
