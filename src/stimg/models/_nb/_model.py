@@ -24,6 +24,14 @@ from ._module import NBModule, nb_log1p_moments, nb_mean_var, nb_mixture_quantil
 
 logger = logging.getLogger("stimg")
 
+# input scaling of the features (centred per feature, then divided by these scales)
+_FEATURE_SCALES = {
+    # one scale for every feature (the mean per-feature SD): keeps the encoder's geometry, so smooth, low-variance
+    # features (e.g. si.pp.spatial_context blocks) are not blown up and a new section's shift stays small
+    "isotropic": lambda emb: np.full(emb.shape[1], float(emb.std(0).mean())),
+    "per_feature": lambda emb: emb.std(0),  # z-scores
+}
+
 
 def _counts_source(adata: AnnData, layer: str | None):
     if layer is None:
@@ -116,6 +124,13 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         Dropout rate.
     seed
         Seed of the weight initialisation (and default seed of :meth:`train`).
+    standardize
+        Input scaling after centring each feature on the training table: ``'isotropic'`` divides
+        every feature by one scale (the mean per-feature SD), ``'per_feature'`` z-scores each
+        feature. Isotropic is the default: z-scoring inflates low-variance features such as the
+        neighbourhood means of :func:`stimg.pp.spatial_context`, and with them any shift of a new
+        section, which made the NB ensemble lose with context on HER2ST
+        (``benchmarks/bench_context_her2st.py``).
 
     Examples
     --------
@@ -130,7 +145,10 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
     _module_cls = NBModule
 
     def __init__(self, adata: AnnData, *, n_hidden: int = 256, n_layers: int = 1, dropout: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, standardize: str = "isotropic"):
+        if standardize not in _FEATURE_SCALES:
+            msg = f"standardize must be one of {sorted(_FEATURE_SCALES)}, got {standardize!r}."
+            raise ValueError(msg)
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
         emb = np.asarray(self.adata_manager.get_from_registry(NB_KEYS.EMB), dtype=np.float64)
@@ -146,7 +164,7 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
             torch.manual_seed(seed)
             self.module = NBModule(
                 emb.shape[1], counts.shape[1], n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
-                use_library=use_library, feature_mean=emb.mean(0), feature_std=emb.std(0),
+                use_library=use_library, feature_mean=emb.mean(0), feature_std=_FEATURE_SCALES[standardize](emb),
                 gene_mean=counts.mean(0), log_library_ref=log_ref,
             )
         self._model_summary_string = (f"NBRegressor: {emb.shape[1]} features → {counts.shape[1]} genes, "
