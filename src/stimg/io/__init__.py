@@ -2,6 +2,7 @@
 
 from ._image import read_image
 from ._legacy_st import estimate_mpp, read_legacy_st
+from ._loupe import LoupeFormatError, read_loupe, write_loupe
 from ._visium import read_visium
 
-__all__ = ["estimate_mpp", "read_image", "read_legacy_st", "read_visium"]
+__all__ = ["LoupeFormatError", "estimate_mpp", "read_image", "read_legacy_st", "read_loupe", "read_visium", "write_loupe"]

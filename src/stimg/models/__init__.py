@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "GeneEncoder": "._sc_prior",
     "ScviGeneEncoder": "._sc_prior",
     "PCAGeneEncoder": "._sc_prior",
+    # active annotation (issue 10)
+    "SpotClassifier": "._classifier",
 }
 
 __all__ = sorted(_LAZY)

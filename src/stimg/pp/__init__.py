@@ -2,6 +2,7 @@
 
 from ._embed import embed
 from ._genes import select_genes
+from ._integrate import integrate_expression
 from ._patches import extract_patches
 from ._stain import StainTransform, stain_normalize, stain_vectors
 from ._tile import tile_image
@@ -12,6 +13,7 @@ __all__ = [
     "StainTransform",
     "embed",
     "extract_patches",
+    "integrate_expression",
     "select_genes",
     "stain_normalize",
     "stain_vectors",

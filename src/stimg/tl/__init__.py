@@ -2,6 +2,18 @@
 
 from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
+from ._annotate import AnnotationRound, annotate, predict_annotation, simulate_annotation
+from ._annotation_rules import (
+    AnnotationRule,
+    RandomRule,
+    SelectionContext,
+    UncertaintyRule,
+    annotation_rules,
+    entropy,
+    least_confidence,
+    margin,
+    register_annotation_rule,
+)
 from ._classify import classify_expression
 from ._evaluate import evaluate
 from ._predict import predict_expression
@@ -9,12 +21,25 @@ from ._simulate import simulate_sampling
 from ._split import check_split_leakage, split_by_patient
 
 __all__ = [
+    "AnnotationRound",
+    "AnnotationRule",
     "ExpressionPrediction",
+    "RandomRule",
+    "SelectionContext",
+    "UncertaintyRule",
     "active_sample",
+    "annotate",
+    "annotation_rules",
     "check_split_leakage",
     "classify_expression",
+    "entropy",
     "evaluate",
+    "least_confidence",
+    "margin",
+    "predict_annotation",
     "predict_expression",
+    "register_annotation_rule",
+    "simulate_annotation",
     "simulate_sampling",
     "split_by_patient",
 ]
