@@ -310,7 +310,7 @@ def annotate(
         msg = "The table has no spots."
         raise ValueError(msg)
     _check_outputs(table, key_added, to_label_key, labels_key)
-    labels = _labels(table, labels_key, allow_missing_column=model is None)
+    labels = _labels(table, labels_key, allow_missing_column=True)
     labelled = labels.notna().to_numpy()
     if model is not None:
         from ..models._classifier import SpotClassifier
