@@ -46,6 +46,9 @@ def main() -> None:
     p.add_argument("--active", default="least_confidence", help="rule compared with random in the verdict")
     p.add_argument("--pool-factors", nargs="*", type=float, default=[],
                    help="also register least_confidence variants 'lc_pool{f}' with these pool factors")
+    p.add_argument("--expression", action="store_true",
+                   help="multimodal: add the expression branch (1,000 HVGs of the section); circular for C2–C6, "
+                        "whose labels are expression clusters")
     p.add_argument("--out", default="benchmarks/results/annotation_her2st")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -66,7 +69,7 @@ def main() -> None:
         n_new = 55 if n_lab >= 300 else 20
         c0, w0 = time.process_time(), time.perf_counter()
         res = si.tl.simulate_annotation(sub, key, rules=rules, n_rounds=args.rounds, n_new=n_new, seeds=args.seeds,
-                                        embedding_key=EMBED_KEY)
+                                        embedding_key=EMBED_KEY, expression=args.expression)
         n_train = res.groupby(["rule", "seed"])["round"].nunique().sum()
         timing[sec] = {"cpu_s_per_round": (time.process_time() - c0) / n_train,
                        "wall_s": time.perf_counter() - w0, "n_spots": n_lab, "n_new": n_new,
@@ -99,7 +102,7 @@ def main() -> None:
                                   for r in rows.index},
                 }
     meta = {"command": " ".join(sys.argv), "seeds": args.seeds, "rounds": args.rounds, "rules": rules,
-            "features": EMBED_KEY, "threads": torch.get_num_threads(), "timing": timing, "verdict": verdict}
+            "features": EMBED_KEY + (" + 1000 HVGs" if args.expression else ""), "threads": torch.get_num_threads(), "timing": timing, "verdict": verdict}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1))
     print("\nactive ≥ random at rounds 2–5 (weighted F1, model on all spots):")
     for cand, secs in verdict["weighted_f1"].items():

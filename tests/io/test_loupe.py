@@ -83,11 +83,16 @@ def test_unknown_barcodes_and_labels_are_reported_by_name(adata, tmp_path):
     assert adata.obs.loc[bcs[0], "pathologist"] == "invasive cancer"
     q = tmp_path / "typo.csv"
     q.write_text(f"Barcode,pathologist\n{bcs[3]},Invasive Cancer\n")
-    with pytest.raises(ValueError, match=r"not classes of obs\['pathologist'\] yet: \['Invasive Cancer'\]"):
-        si.io.read_loupe(adata, q)
-    with pytest.warns(StimgWarning, match="Invasive Cancer"):
-        si.io.read_loupe(adata, q, on_unknown="warn")
+    with pytest.warns(StimgWarning, match=r"not classes of obs\['pathologist'\] yet: \['Invasive Cancer'\]"):
+        si.io.read_loupe(adata, q)  # a class first met in a later round (or a typo): added, reported
     assert "Invasive Cancer" in adata.obs["pathologist"].cat.categories
+    fixed = ["invasive cancer", "connective tissue", "adipös"]
+    with pytest.raises(ValueError, match=r"outside classes=: \['Invasive Cancer'\]"):
+        si.io.read_loupe(adata, q, key_added="strict", classes=fixed)
+    assert "strict" not in adata.obs
+    with pytest.warns(StimgWarning, match="Invasive Cancer"):
+        si.io.read_loupe(adata, q, key_added="strict", classes=fixed, on_unknown="warn")
+    assert list(adata.obs["strict"].cat.categories) == [*fixed, "Invasive Cancer"]
 
 
 @pytest.mark.parametrize(("content", "match"), [

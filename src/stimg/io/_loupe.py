@@ -13,6 +13,7 @@ import csv
 import io
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +227,7 @@ def read_loupe(
     key_added: str | None = None,
     column: str | None = None,
     barcode_key: str | None = None,
+    classes: Sequence[str] | None = None,
     on_unknown: str = "raise",
     table_key: str = TABLE_KEY,
     inplace: bool = True,
@@ -234,9 +236,14 @@ def read_loupe(
 
     Every barcode in the file gets its label in ``.obs[key_added]`` (a correction replaces the
     previous label); spots not in the file keep theirs, other columns are not touched. Empty
-    cells are skipped. A barcode that is not a spot of the table, or a label that is not yet a
-    class of ``.obs[key_added]``, is reported by name: an error with ``on_unknown='raise'``, a
-    warning with ``'warn'`` (unknown barcodes are then skipped, new labels added as classes).
+    cells are skipped. Nothing is dropped silently:
+
+    - a barcode that is not a spot of the table is an error naming it (``on_unknown='warn'``:
+      a warning naming it, and the row is skipped);
+    - a label that is not yet a class of ``.obs[key_added]`` (a class first met in a later
+      round, or a typo) is added and reported by name in a warning; with ``classes=`` (the
+      fixed list of classes) a label outside the list is an error naming it
+      (``on_unknown='warn'``: a warning, and it is added).
 
     Parameters
     ----------
@@ -250,8 +257,10 @@ def read_loupe(
         Category column of the CSV when it has several.
     barcode_key
         ``.obs`` column holding the Loupe barcodes; ``None`` uses ``obs_names``.
+    classes
+        The fixed list of classes; labels outside it are refused (see ``on_unknown``).
     on_unknown
-        ``'raise'`` or ``'warn'`` for unknown barcodes and labels.
+        ``'raise'`` or ``'warn'`` for unknown barcodes and labels outside ``classes``.
     %(table_key)s
     %(inplace)s
 
@@ -290,16 +299,23 @@ def read_loupe(
         prev_vals = prev.astype(object).where(prev.notna(), None).map(lambda v: v if v is None else str(v)).to_numpy()
     else:
         known, prev_vals = [], np.full(table.n_obs, None, dtype=object)
-    new = [lab for lab in pd.unique(read.to_numpy()) if lab not in known]
-    if known and new:
-        msg = (f"{str(path)!r} has labels that are not classes of obs[{key!r}] yet: {_names(new)}; known classes: "
-               f"{known}. Fix typos in Loupe, or pass on_unknown='warn' to add them as new classes.")
-        if on_unknown == "raise":
-            raise ValueError(msg)
-        warn(msg)
+    labels_read = pd.unique(read.to_numpy())
+    if classes is not None:
+        allowed = [str(c) for c in classes]
+        if outside := [lab for lab in labels_read if lab not in allowed]:
+            msg = (f"{str(path)!r} has labels outside classes=: {_names(outside)}; allowed: {allowed}. Fix them in "
+                   "Loupe, extend classes=, or pass on_unknown='warn' to add them anyway.")
+            if on_unknown == "raise":
+                raise ValueError(msg)
+            warn(msg)
+        known = [*allowed, *(k for k in known if k not in allowed)]
+    elif known and (new := [lab for lab in labels_read if lab not in known]):
+        warn(f"{str(path)!r} brings labels that are not classes of obs[{key!r}] yet: {_names(new)}; they are added as "
+             f"new classes (known: {known}). If they are typos, fix them in Loupe and read the file again; pass "
+             "classes= to refuse labels outside a fixed list.")
     vals = prev_vals.copy()
     vals[pos] = read.to_numpy()
-    cats = known + [c for c in pd.unique(read.to_numpy()) if c not in known]
+    cats = known + [c for c in labels_read if c not in known]
     merged = pd.Series(pd.Categorical(vals, categories=cats), index=table.obs_names, name=key)
     n_changed = int(sum(1 for i, v in zip(pos, read.to_numpy(), strict=True) if prev_vals[i] is not None and prev_vals[i] != v))
     logger.info("read_loupe: %d labels from %s (%d new, %d corrected) into obs[%r]", len(read), path.name,
