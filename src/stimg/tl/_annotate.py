@@ -43,6 +43,8 @@ class AnnotationRound:
         Model probability of :attr:`annotation`'s class per spot; ``None`` without a model.
     proba
         Class probabilities (spots × classes); ``None`` without a model.
+    params
+        Parameters of the round (as stored in ``.uns[key_added]['params']``).
     """
 
     model: Any

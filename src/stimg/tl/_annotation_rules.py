@@ -88,7 +88,7 @@ class UncertaintyRule(AnnotationRule):
     The ``top_fraction`` most uncertain candidates — at least ``pool_factor · n_new`` of them —
     are clustered into ``n_new`` groups by k-means in ``ctx.features``; from each group the spot
     closest to its centroid is chosen (ActiveVisium §3.2, ``top_fraction = 0.05``). On the
-    paper's sections (3,000–6,000 spots) the top 5 %% holds about 4 × ``n_new`` spots; on small
+    paper's sections (3,000–6,000 spots) the top 5 % holds about 4 × ``n_new`` spots; on small
     sections it can hold fewer than ``n_new``, and ``pool_factor`` keeps room for diversity.
 
     Parameters
