@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,162 +21,14 @@ from ..._spatial import get_table
 from ..._utils import progress_bar, resolve_device
 from .._base import ModelIO, check_trained, resolve_train_indices, train_defaults
 from ._data import resolve_genes, target_counts
+from ._finetune_module import FinetuneModule
+from ._finetune_plan import FinetuneTrainingPlan, PatchCounts
 from ._model import _check_level, _check_scale, _interval, _moments
-from ._module import NBModule, nb_log_prob
-from ._training import split_train_validation
+from ._module import NBModule
+from ._training import quiet_lightning, restore_best, split_train_validation
 
-_N_STATS = 256
-_DEFAULT_EPOCHS = 10  # training patches used to standardise the initial features
-
-
-# ---------------------------------------------------------------------------------------------- data
-class _PatchCounts(Dataset):
-    """Items ``(uint8 patch, counts)`` for the chosen items of a :class:`~stimg.pp.PatchDataset`."""
-
-    def __init__(self, patches, counts: np.ndarray | None, items: np.ndarray):
-        self.patches, self.items = patches, np.asarray(items, dtype=int)
-        self.counts = None if counts is None else counts[patches.obs_index[self.items]]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        x = self.patches[int(self.items[i])]
-        if self.counts is None:
-            return x
-        return x, torch.from_numpy(self.counts[i])
-
-    @staticmethod
-    def collate(batch: list):
-        from ...pp._patch_dataset import PatchDataset
-
-        if isinstance(batch[0], tuple):
-            return PatchDataset.collate([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-        return PatchDataset.collate(batch)
-
-
-def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Random element of the dihedral group (flips and 90° rotations) per square patch, on ``x``'s device."""
-    b = x.shape[0]
-    f = torch.randint(0, 2, (3, b, 1, 1, 1), device=x.device, dtype=torch.bool)
-    x = torch.where(f[0], x.flip(-1), x)
-    x = torch.where(f[1], x.flip(-2), x)
-    return torch.where(f[2], x.transpose(-1, -2), x)
-
-
-# ---------------------------------------------------------------------------------------------- network
-class _FinetuneNet(nn.Module):
-    """Encoder (uint8 patches → features) followed by the NB head of :class:`NBModule`."""
-
-    def __init__(self, encoder: nn.Module, head: NBModule):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and not torch.is_autocast_enabled():
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                return self.encoder(x).float()
-        return self.encoder(x).float()
-
-    def nb_params(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(feats.device.type, enabled=False):  # NB maths in float32
-            o = self.head.inference(feats.float())
-        return o["r"], o["logits"]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.nb_params(self.features(x))
-
-
-def _nll(r: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-spot NB negative log-likelihood summed over genes."""
-    return -nb_log_prob(y.float(), r, logits).sum(-1)
-
-
-def _lightning_module(net: _FinetuneNet, *, lr: float, backbone_lr: float, weight_decay: float,
-                      freeze_epochs: int, augment: bool):
-    import lightning.pytorch as pl
-
-    class _Lit(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.module = net
-            self.history: list[dict[str, float]] = []
-            self.best, self.best_state = float("inf"), None
-            self._frozen = False
-            self._sums = {"train": [0.0, 0], "validation": [0.0, 0]}
-
-        def _set_frozen(self, frozen: bool) -> None:
-            self._frozen = frozen
-            for p in self.module.encoder.parameters():
-                p.requires_grad_(not frozen)
-            if frozen:
-                self.module.encoder.eval()  # batch-norm statistics stay fixed too
-
-        def on_train_epoch_start(self):
-            self._set_frozen(self.current_epoch < freeze_epochs)
-            self._sums["train"] = [0.0, 0]
-
-        def on_train_batch_start(self, batch, batch_idx):
-            if self._frozen:
-                self.module.encoder.eval()
-
-        def on_train_end(self):
-            self._set_frozen(False)
-            if self.best_state is not None:
-                self.module.load_state_dict(self.best_state)
-
-        def _step(self, batch, split: str):
-            x, y = batch
-            if split == "train" and augment:
-                x = _augment(x)
-            if self._frozen:
-                with torch.no_grad():
-                    feats = self.module.features(x)
-            else:
-                feats = self.module.features(x)
-            nll = _nll(*self.module.nb_params(feats), y)
-            s = self._sums[split]
-            s[0] += float(nll.detach().sum())
-            s[1] += int(nll.shape[0])
-            return nll.mean()
-
-        def training_step(self, batch, batch_idx):
-            loss = self._step(batch, "train")
-            self.log("train_nll", loss, on_step=False, on_epoch=True, batch_size=batch[1].shape[0])
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            return self._step(batch, "validation")
-
-        def on_validation_epoch_start(self):
-            self._sums["validation"] = [0.0, 0]
-
-        def on_validation_epoch_end(self):
-            s, n = self._sums["validation"]
-            if n == 0:
-                return
-            val = s / n
-            self.log("val_nll", val)
-            if val < self.best:
-                self.best = val
-                self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-
-        def on_train_epoch_end(self):
-            s, n = self._sums["train"]
-            row = {"epoch": self.current_epoch, "train_nll": s / max(n, 1), "frozen": self._frozen}
-            vs, vn = self._sums["validation"]
-            if vn:
-                row["val_nll"] = vs / vn
-            self.history.append(row)
-
-        def configure_optimizers(self):
-            head = [p for p in self.module.head.parameters()]
-            backbone = [p for p in self.module.encoder.parameters()]
-            return torch.optim.AdamW([{"params": head, "lr": lr}, {"params": backbone, "lr": backbone_lr}],
-                                     weight_decay=weight_decay)
-
-    return _Lit()
+_N_STATS = 256  # training patches used to standardise the initial features
+_DEFAULT_EPOCHS = 10
 
 
 def _trainer_accelerator(accelerator: str | None) -> tuple[str, str]:
@@ -311,7 +161,7 @@ class NBFinetuner(ModelIO):
         p["patch_px"] = int(p["patch_px"] or enc.input_px)
         head = NBModule(enc.dim, len(genes), n_hidden=p["n_hidden"], n_layers=p["n_layers"], dropout=p["dropout"],
                         gene_mean=gene_mean)
-        self.net = _FinetuneNet(enc, head)
+        self.net = FinetuneModule(enc, head)
         self.genes_ = list(genes)
         self.seed_ = int(p["seed"])
 
@@ -353,7 +203,7 @@ class NBFinetuner(ModelIO):
     def _init_feature_stats(self, items: np.ndarray, batch_size: int, device: torch.device, seed: int) -> None:
         """Standardise the head's input with the (pretrained) features of up to 256 training patches."""
         sel = np.random.default_rng(seed).permutation(items)[:_N_STATS]
-        feats = self._features(_PatchCounts(self._patches, None, np.sort(sel)), batch_size, device, 0, "features")
+        feats = self._features(PatchCounts(self._patches, None, np.sort(sel)), batch_size, device, 0, "features")
         head = self.net.head
         head.feature_mean.copy_(torch.from_numpy(feats.mean(0)))
         head.feature_std.copy_(torch.from_numpy(feats.std(0)).clamp_min(1e-6))
@@ -427,7 +277,6 @@ class NBFinetuner(ModelIO):
         >>> m.history_  # doctest: +SKIP
         """
         import lightning.pytorch as pl
-        from lightning.fabric.utilities.warnings import PossibleUserWarning
         from lightning.pytorch.callbacks import EarlyStopping
 
         defaults = train_defaults(accelerator, devices, self.seed_ if seed is None else seed)
@@ -442,32 +291,27 @@ class NBFinetuner(ModelIO):
         if freeze_backbone_epochs < 0:
             msg = f"freeze_backbone_epochs must be ≥ 0, got {freeze_backbone_epochs!r}."
             raise ValueError(msg)
-        lit = _lightning_module(self.net, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
-                                freeze_epochs=int(freeze_backbone_epochs), augment=augment)
+        plan = FinetuneTrainingPlan(self.net, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
+                                    freeze_epochs=int(freeze_backbone_epochs), augment=augment)
         callbacks = list(trainer_kwargs.pop("callbacks", []))
+        best = None
         if early_stopping:
-            callbacks.append(EarlyStopping(monitor="val_nll", patience=early_stopping_patience, mode="min"))
+            best = restore_best("val_nll")
+            callbacks += [EarlyStopping(monitor="val_nll", patience=early_stopping_patience, mode="min"), best]
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else progress)
-        train_ds = _PatchCounts(self._patches, self._counts, item_of_row[tr])
+        train_ds = PatchCounts(self._patches, self._counts, item_of_row[tr])
         gen = torch.Generator().manual_seed(seed)
         # a last batch of one patch breaks batch norm on 1×1 feature maps: drop it
         drop_last = len(train_ds) > batch_size and len(train_ds) % batch_size == 1
         loaders = {"train_dataloaders": DataLoader(
-            train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=_PatchCounts.collate,
+            train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=PatchCounts.collate,
             generator=gen, drop_last=drop_last, persistent_workers=num_workers > 0)}
         if val.size:
             loaders["val_dataloaders"] = DataLoader(
-                _PatchCounts(self._patches, self._counts, item_of_row[val]), batch_size=batch_size,
-                num_workers=num_workers, collate_fn=_PatchCounts.collate)
-        quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-        old = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.WARNING)
+                PatchCounts(self._patches, self._counts, item_of_row[val]), batch_size=batch_size,
+                num_workers=num_workers, collate_fn=PatchCounts.collate)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=PossibleUserWarning)
-                warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-                warnings.filterwarnings("ignore", message=".*treespec.*")
+            with quiet_lightning(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 trainer = pl.Trainer(
                     accelerator=acc, devices=devices, precision=precision or default_precision,
                     max_epochs=int(max_epochs), callbacks=callbacks, logger=False, enable_checkpointing=False,
@@ -476,18 +320,16 @@ class NBFinetuner(ModelIO):
                 torch.manual_seed(seed)
                 if not self.is_trained_:
                     self._init_feature_stats(item_of_row[tr], batch_size, device, seed)
-                trainer.fit(lit, **loaders)
+                trainer.fit(plan, **loaders)
         finally:
-            for lg, lv in zip(quiet, old, strict=True):
-                lg.setLevel(lv)
             self.net.cpu()
         self.net.eval()
         self._refresh_cache_key()
-        self.history_ = pd.DataFrame(lit.history)
+        self.history_ = pd.DataFrame(plan.history)
         self.train_indices_, self.validation_indices_ = tr, val
         self.is_trained_ = True
-        if lit.best_state is not None:
-            logger.info("NBFinetuner: %d epochs, best validation NLL %.4g", len(lit.history), lit.best)
+        if best is not None and best.state is not None:
+            logger.info("NBFinetuner: %d epochs, best validation NLL %.4g", len(plan.history), best.best)
 
     def _refresh_cache_key(self) -> None:
         from ...encoders._build import weights_fingerprint
@@ -515,7 +357,7 @@ class NBFinetuner(ModelIO):
                   progress: bool | None = False) -> np.ndarray:
         """Run the encoder (``what='features'``) or the whole network (``'nb'``) over ``ds`` in eval mode."""
         self.net.to(device).eval()
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_PatchCounts.collate)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=PatchCounts.collate)
         out = []
         try:
             for x in progress_bar(loader, desc="NBFinetuner", total=len(loader), progress=progress):
@@ -530,7 +372,7 @@ class NBFinetuner(ModelIO):
 
     def _per_row(self, data, table_key, what: str, batch_size: int, accelerator: str | None, num_workers: int):
         table, ds = self._dataset(data, table_key)
-        vals = self._features(_PatchCounts(ds, None, np.arange(len(ds))), batch_size, resolve_device(accelerator),
+        vals = self._features(PatchCounts(ds, None, np.arange(len(ds))), batch_size, resolve_device(accelerator),
                               num_workers, what, progress=None)
         out = np.empty_like(vals)
         out[ds.obs_index] = vals
