@@ -149,7 +149,7 @@ def _pick_image(sdata, region: str, image_key):
 def _scale0(img):
     from spatialdata import get_pyramid_levels
 
-    return get_pyramid_levels(img, n=0) if not hasattr(img, "dims") else img
+    return img if hasattr(img, "shape") else get_pyramid_levels(img, n=0)  # DataArray, or level 0 of a DataTree
 
 
 def _spatialdata_sections(sdata, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image):

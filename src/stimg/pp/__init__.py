@@ -3,6 +3,7 @@
 from ._embed import embed
 from ._genes import select_genes
 from ._patches import extract_patches
+from ._pseudo_spots import pseudo_spots
 from ._stain import StainTransform, stain_normalize, stain_vectors
 from ._tile import tile_image
 from ._tissue import tissue_coverage, tissue_mask
@@ -12,6 +13,7 @@ __all__ = [
     "StainTransform",
     "embed",
     "extract_patches",
+    "pseudo_spots",
     "select_genes",
     "stain_normalize",
     "stain_vectors",
