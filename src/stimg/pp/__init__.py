@@ -1,6 +1,7 @@
 """Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings."""
 
 from ._embed import embed
+from ._embed_grid import embed_grid
 from ._genes import select_genes
 from ._patches import extract_patches
 from ._pseudo_spots import pseudo_spots
@@ -12,6 +13,7 @@ __all__ = [
     "PatchDataset",
     "StainTransform",
     "embed",
+    "embed_grid",
     "extract_patches",
     "pseudo_spots",
     "select_genes",

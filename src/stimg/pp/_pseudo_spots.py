@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -14,62 +13,10 @@ from anndata import AnnData
 from .._constants import INSTANCE_KEY, LIBRARY_KEY, REGION_KEY, SPATIAL_KEY, TABLE_KEY
 from .._docs import d
 from .._logging import log_added
-from .._spatial import get_table, is_spatialdata, library_column
+from .._spatial import get_table, is_spatialdata, library_column, native_units
 from .._validate import assert_key_in
 
 _SQRT3 = float(np.sqrt(3.0))
-
-
-@dataclass
-class _Units:
-    library_id: str
-    obs_index: np.ndarray  # rows of the unit table
-    xy: np.ndarray  # (n, 2) in the native frame (shapes coordinates / obsm['spatial'] pixels)
-    um_per_unit: float  # µm per native coordinate unit
-    transformations: dict | None  # of the source shapes (SpatialData)
-
-
-def _native_units(data: Any, table: AnnData, table_key: str, library_key: str | None) -> list[_Units]:
-    """Each section's unit centres in their own frame, with µm per coordinate unit."""
-    lib_key, libs = library_column(table, library_key)
-    out = []
-    for lib in pd.unique(libs):
-        idx = np.flatnonzero(libs.to_numpy() == lib)
-        sf = table.uns.get(SPATIAL_KEY, {}).get(lib, {}).get("scalefactors", {})
-        if is_spatialdata(data):
-            from spatialdata.models import get_table_keys
-            from spatialdata.transformations import get_transformation
-
-            _, _, inst_key = get_table_keys(table)
-            assert_key_in(data.shapes, lib, where="sdata.shapes", hint="The table's regions must be shape elements.")
-            shapes = data.shapes[lib]
-            geo = shapes.loc[table.obs[inst_key].to_numpy()[idx]]
-            if "radius" in geo:
-                xy = np.c_[geo.geometry.x.to_numpy(), geo.geometry.y.to_numpy()]
-                d_native = 2 * float(np.median(geo["radius"]))
-            else:  # polygons: centroids, side from the area
-                cen = geo.geometry.centroid
-                xy = np.c_[cen.x.to_numpy(), cen.y.to_numpy()]
-                d_native = float(np.median(np.sqrt(geo.geometry.area)))
-            d_um = sf.get("spot_diameter_um")
-            if d_um is None or d_native <= 0:
-                msg = (f"Section {lib!r}: µm per coordinate unit unknown (table.uns['spatial'][{lib!r}]['scalefactors'] "
-                       "lacks spot_diameter_um); read the data with si.io readers.")
-                raise ValueError(msg)
-            out.append(_Units(str(lib), idx, xy, float(d_um) / d_native, get_transformation(shapes, get_all=True)))
-        else:
-            assert_key_in(table.obsm, SPATIAL_KEY, where="adata.obsm", hint="Unit centres are needed (obsm['spatial']).")
-            xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[idx, :2]
-            if "microns_per_pixel" in sf:
-                mpp = float(sf["microns_per_pixel"])
-            elif sf.get("spot_diameter_fullres") and sf.get("spot_diameter_um"):
-                mpp = float(sf["spot_diameter_um"]) / float(sf["spot_diameter_fullres"])
-            else:
-                msg = (f"Section {lib!r}: µm per pixel unknown; set adata.uns['spatial'][{lib!r}]['scalefactors']"
-                       "['microns_per_pixel'].")
-                raise ValueError(msg)
-            out.append(_Units(str(lib), idx, xy, mpp, None))
-    return out
 
 
 def _square_cells(xy_um: np.ndarray, size: float) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +142,7 @@ def pseudo_spots(
     if labels_key is not None:
         assert_key_in(table.obs, labels_key, where="table.obs", hint="Pass a categorical column such as a cell type.")
         labels = table.obs[labels_key].astype("category")
-    units = _native_units(data, table, table_key, library_key)
+    units = native_units(data, table, library_key)
     if not overwrite:
         clash = [f"table.obs[{key_added!r}]"] if key_added in table.obs else []
         if is_spatialdata(data) and inplace:
