@@ -229,8 +229,11 @@ class NativeUnits:
 
 
 def native_units(data: Any, table: AnnData, library_key: str | None = None) -> list[NativeUnits]:
-    """Each section's unit centres in their own frame (shapes coordinates, or ``obsm['spatial']`` pixels)
-    with µm per coordinate unit; unlike :func:`sections`, no image is involved."""
+    """Each section's unit centres in their own frame, with µm per coordinate unit.
+
+    The frame is the shapes' coordinates (SpatialData) or ``obsm['spatial']`` pixels (AnnData);
+    unlike :func:`sections`, no image is involved.
+    """
     lib_key, libs = library_column(table, library_key)
     out = []
     for lib in pd.unique(libs):

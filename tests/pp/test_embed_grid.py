@@ -41,12 +41,12 @@ def test_bilinear_blends_the_four_nodes():
     grid = si.pp.embed_grid(sd, enc, stride_um=200, patch_um=224, interpolation="nearest", inplace=False, **kw)
     circ = sd.shapes["S0"]
     shifted = circ.copy()
-    shifted.geometry = shifted.geometry.translate(50, 100)  # fx = 0.25, fy = 0.5 of a 200 µm cell
+    shifted.geometry = shifted.geometry.translate(-150, -100)  # fx = 0.25, fy = 0.5 of a 200 µm cell
     sd.shapes["S0"] = shifted
     out = si.pp.embed_grid(sd, enc, stride_um=200, patch_um=224, interpolation="bilinear", inplace=False, **kw)
     xy = t.obsm["spatial"]
     lut = {tuple(np.rint(v).astype(int)): g for v, g in zip(xy, grid, strict=True)}
-    i = int(np.flatnonzero((xy[:, 0] == 200) & (xy[:, 1] == 200))[0])
+    i = int(np.flatnonzero((xy[:, 0] == 400) & (xy[:, 1] == 400))[0])  # now at (250, 300)
     f00, f10 = lut[(200, 200)], lut[(400, 200)]
     f01, f11 = lut[(200, 400)], lut[(400, 400)]
     want = 0.75 * 0.5 * f00 + 0.25 * 0.5 * f10 + 0.75 * 0.5 * f01 + 0.25 * 0.5 * f11
