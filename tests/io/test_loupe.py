@@ -112,6 +112,16 @@ def test_malformed_csv_names_the_line(adata, tmp_path, content, match):
     assert "x" not in adata.obs
 
 
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_duplicate_spot_names_are_refused(adata, tmp_path):
+    import anndata as ad
+
+    dup = ad.concat([adata, adata])  # same barcodes twice (two sections, no index_unique)
+    with pytest.warns(StimgWarning, match="more than once"), pytest.raises(ValueError, match="barcode_key="):
+        si.io.write_loupe(dup, tmp_path / "d.csv", "pathologist")
+    assert not (tmp_path / "d.csv").exists()
+
+
 def test_non_utf8_and_missing_files(adata, tmp_path):
     p = tmp_path / "latin1.csv"
     p.write_bytes("Barcode,label\nAAAC0000-1,adip\xf6s\n".encode("latin-1"))

@@ -150,3 +150,17 @@ def test_other_section_needs_matching_features(adata):
     copy = m.attach(adata.copy())
     copy.train(max_epochs=1, progress=False)
     assert m.n_rounds_ == 1 and copy.n_rounds_ == 2  # the original is untouched
+
+
+def test_provenance_is_checked_for_a_new_slide(adata, tmp_path):
+    adata.uns["X_synthetic"] = {"params": {"encoder": "synthetic", "encoder_identity": "abc", "patch_um": 112.0,
+                                           "patch_px": 224}}
+    m = si.models.SpotClassifier(adata, "label", embedding_key="X_synthetic")
+    m.train(max_epochs=2, progress=False)
+    loaded = si.models.SpotClassifier.load(m.save(tmp_path / "m.stimg"))
+    other = adata.copy()
+    other.uns["X_synthetic"]["params"]["encoder"] = "uni"
+    with pytest.raises(ValueError, match="encoder='uni'.*trained with encoder='synthetic'"):
+        loaded.predict(other)
+    other.uns["X_synthetic"]["params"]["encoder"] = "synthetic"
+    assert len(loaded.predict(other)) == adata.n_obs

@@ -36,7 +36,12 @@ class LoupeFormatError(ValueError):
 
 def _barcodes(table, barcode_key: str | None) -> pd.Index:
     if barcode_key is None:
-        return pd.Index(table.obs_names.astype(str))
+        idx = pd.Index(table.obs_names.astype(str))
+        if idx.has_duplicates:
+            msg = (f"obs_names has duplicate spot names, e.g. {list(idx[idx.duplicated()][:3])}; Loupe barcodes must "
+                   "be unique: pass barcode_key= (an .obs column of Loupe barcodes) or run adata.obs_names_make_unique().")
+            raise ValueError(msg)
+        return idx
     assert_key_in(table.obs, barcode_key, where="table.obs", hint="Pass the .obs column holding the Loupe barcodes.")
     col = table.obs[barcode_key]
     if col.isna().any():
