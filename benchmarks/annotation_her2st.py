@@ -75,7 +75,8 @@ def main() -> None:
                        "wall_s": time.perf_counter() - w0, "n_spots": n_lab, "n_new": n_new,
                        "n_classes": int(sub.obs[key].nunique())}
         frames.append(res.assign(section=sec, labels=key, n_new=n_new))
-        s = res.attrs["summary"].loc["weighted_f1"]
+        pd.concat(frames, ignore_index=True).to_csv(f"{args.out}.partial.csv", index=False)
+        s = si.tl.annotation_summary(res).loc["weighted_f1"]
         print(f"\n{sec} ({key}, {n_lab} spots, rounds of {n_new}, "
               f"{timing[sec]['cpu_s_per_round']:.2f} CPU s per round)", flush=True)
         print((s["mean"].round(3).astype(str) + " ± " + s["sd"].round(3).astype(str)).unstack("rule").to_string(),
@@ -84,6 +85,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(f"{out}.csv", index=False)
+    Path(f"{out}.partial.csv").unlink(missing_ok=True)
     # verdict: active ≥ random (mean over seeds) at rounds 2–5, weighted F1 of the model on all spots
     verdict = {}
     for metric in ("weighted_f1", "weighted_f1_unlabelled", "misclassified_pct"):

@@ -162,8 +162,11 @@ def test_simulate_annotation_returns_the_tidy_frame(adata):
     assert res["value"].between(0, 100).all()
     mis = res[res["metric"] == "misclassified_pct"]["value"].to_numpy()
     np.testing.assert_array_less(-1e-9, mis)
-    summary = res.attrs["summary"]
+    summary = si.tl.annotation_summary(res)
     assert {"mean", "sd", "n"} <= set(summary.columns)
+    assert summary.loc[("weighted_f1", "random", 1), "n"] == 2
+    both = pd.concat([res.assign(section="a"), res.assign(section="b")])  # per-section results concatenate
+    assert len(both) == 2 * len(res)
     assert "cell_type" in adata.obs and "si_annotation" not in adata.obs  # nothing written
     ax = si.pl.annotation_curve(res, metric="weighted_f1")
     assert len(ax.get_legend().get_texts()) == 3

@@ -2,7 +2,7 @@
 
 from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
-from ._annotate import AnnotationRound, annotate, predict_annotation, simulate_annotation
+from ._annotate import AnnotationRound, annotate, annotation_summary, predict_annotation, simulate_annotation
 from ._annotation_rules import (
     AnnotationRule,
     RandomRule,
@@ -30,6 +30,7 @@ __all__ = [
     "active_sample",
     "annotate",
     "annotation_rules",
+    "annotation_summary",
     "check_split_leakage",
     "classify_expression",
     "entropy",

@@ -493,7 +493,7 @@ def simulate_annotation(
     ``'misclassified_pct'`` of the model's predictions (the paper's protocol),
     ``'weighted_f1_annotation'`` of labels-where-revealed plus predictions elsewhere (what
     the pathologist ends up with), and ``'weighted_f1_unlabelled'`` on the spots not yet
-    revealed. ``.attrs['summary']`` holds mean and sd per rule, round and metric. Nothing is
+    revealed. :func:`~stimg.tl.annotation_summary` gives mean and sd over seeds. Nothing is
     written into ``data``.
 
     Examples
@@ -584,7 +584,6 @@ def simulate_annotation(
             revealed[chosen] = True
             work.obs[lab_key] = pd.Series(np.where(revealed, truth, None), index=work.obs_names, dtype=object)
     res = pd.DataFrame(rows)
-    res.attrs["summary"] = annotation_summary(res)
     logger.info("simulate_annotation: %d runs × %d rounds on %d spots in %.1fs", len(jobs), n_rounds, len(truth),
                 time.perf_counter() - t0)
     return res
@@ -593,13 +592,23 @@ def simulate_annotation(
 def annotation_summary(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, sd and count over seeds per metric, rule and round of a :func:`simulate_annotation` table.
 
+    Parameters
+    ----------
+    results
+        Output of :func:`simulate_annotation` (several sections may be concatenated: add a
+        column and group yourself, or summarise each).
+
+    Returns
+    -------
+    DataFrame indexed by ``(metric, rule, round)`` with ``mean``, ``sd``, ``n`` (seeds) and the mean
+    ``n_labelled``.
+
     Examples
     --------
-    >>> import pandas as pd
-    >>> from stimg.tl._annotate import annotation_summary
+    >>> import pandas as pd, stimg as si
     >>> df = pd.DataFrame({"rule": ["a", "a"], "seed": [0, 1], "round": [1, 1], "n_labelled": [5, 5],
     ...                    "metric": ["weighted_f1"] * 2, "value": [0.5, 0.7]})
-    >>> round(float(annotation_summary(df)["mean"].iloc[0]), 2)
+    >>> round(float(si.tl.annotation_summary(df)["mean"].iloc[0]), 2)
     0.6
     """
     g = results.groupby(["metric", "rule", "round"], sort=False)["value"]
