@@ -115,16 +115,25 @@ def test_annotation_rounds_write_and_warm_start(adata):
 
 
 def test_nothing_written_on_failure(adata):
-    adata.obs["pathologist"] = pd.Series([None] * adata.n_obs, index=adata.obs_names, dtype=object)
-    adata.obs.loc[adata.obs_names[:10], "pathologist"] = "only one class"
+    adata.obs["pathologist"] = adata.obs["cell_type"].astype(str).where(np.arange(adata.n_obs) % 4 == 0)
     before = _snapshot(adata)
-    with pytest.raises(ValueError, match="single class"):
+
+    def unchanged():
+        after = _snapshot(adata)
+        assert before[0] == after[0] and before[2:] == after[2:]
+        pd.testing.assert_frame_equal(before[1], after[1])
+
+    with pytest.raises(ValueError, match="lr > 0"):  # training fails after the labels were read
+        si.tl.annotate(adata, "pathologist", n_new=10, train_kwargs={"lr": -1.0})
+    unchanged()
+    emb = adata.obsm["X_synthetic"].copy()
+    adata.obsm["X_synthetic"][3, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
         si.tl.annotate(adata, "pathologist", n_new=10)
-    after = _snapshot(adata)
-    assert before[0] == after[0] and before[2:] == after[2:]
-    pd.testing.assert_frame_equal(before[1], after[1])
+    adata.obsm["X_synthetic"] = emb
+    unchanged()
     adata.obs["pathologist"] = adata.obs["pathologist"].astype(object)
-    adata.obs.loc[adata.obs_names[10:20], "pathologist"] = ""
+    adata.obs.loc[adata.obs_names[1:20], "pathologist"] = ""
     with pytest.raises(ValueError, match="missing value"):
         si.tl.annotate(adata, "pathologist", n_new=10)
     # a user's own column is never overwritten
@@ -135,6 +144,14 @@ def test_nothing_written_on_failure(adata):
     assert (ad2.obs["si_to_label"] == "mine").all()
     with pytest.raises(ValueError, match="n_new"):
         si.tl.annotate(ad2, "pathologist", n_new=0)
+
+
+def test_prelabelled_single_class_joins_the_initial_set(adata):
+    adata.obs["pathologist"] = pd.Series([None] * adata.n_obs, index=adata.obs_names, dtype=object)
+    adata.obs.loc[adata.obs_names[:3], "pathologist"] = "rare class"
+    res = si.tl.annotate(adata, "pathologist", n_new=12)
+    assert res.model is None and res.rule.startswith("kmeans")
+    assert not adata.obs["si_to_label"].iloc[:3].any() and adata.obs["si_to_label"].sum() == 12
 
 
 def test_inplace_false_returns_the_round_and_writes_nothing(adata):

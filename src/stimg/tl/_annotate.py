@@ -222,8 +222,9 @@ def annotate(
 
     ActiveVisium's loop, one call per round:
 
-    1. **First round** (no spot labelled yet, no ``model``): propose the spot nearest each of
-       ``n_new`` k-means centroids of the image embedding (standardised, 50 PCs).
+    1. **First round** (fewer than two classes labelled, no ``model``): propose the unlabelled
+       spot nearest each of ``n_new`` k-means centroids of the image embedding (standardised,
+       50 PCs). Spots labelled beforehand (e.g. a few examples of a rare class) join this set.
     2. **Later rounds**: train a :class:`~stimg.models.SpotClassifier` on every labelled spot
        (class-weighted cross-entropy, weights recomputed from this round's labels; warm start
        from ``model``), predict every spot, and propose ``n_new`` unlabelled spots with ``rule``
@@ -232,8 +233,8 @@ def annotate(
 
     A missing value (``None``/``NaN``) in ``.obs[labels_key]`` marks an unlabelled spot. Labels
     read from Loupe Browser (:func:`stimg.io.read_loupe`) go straight into that column. With a
-    ``model`` trained on another section and no label yet, the first round predicts with it
-    and proposes its most uncertain spots (annotation transfer).
+    ``model`` trained on another section and fewer than two classes labelled, the round
+    predicts with it without training and proposes its most uncertain spots (annotation transfer).
 
     Parameters
     ----------
@@ -337,8 +338,12 @@ def annotate(
     if n_new > candidates.size:
         logger.info("annotate: only %d unlabelled spots left; proposing all of them", candidates.size)
     annotation = confidence = proba = None
-    if not labelled.any() and model is None:
-        chosen = initial_set(emb, n_new, rng)
+    n_classes = int(labels.dropna().nunique())
+    if n_classes < 2 and model is None:  # nothing to train on yet: the initial set
+        if labelled.any():
+            logger.info("annotate: %d spots already labelled (%s) join the initial set", int(labelled.sum()),
+                        sorted(labels.dropna().unique()))
+        chosen = initial_set(emb, n_new, rng, available=~labelled)
         rule_used, trained = "kmeans (initial set)", None
     else:
         trained = model
@@ -349,7 +354,7 @@ def annotate(
 
             trained = SpotClassifier(table, labels_key, embedding_key=emb_key, expression=expression, layer=layer,
                                      classes=classes, seed=seed)
-        if labelled.any():
+        if n_classes >= 2:  # otherwise a transferred model predicts without training
             trained.train(max_epochs, seed=seed + rnd, progress=False, **(train_kwargs or {}))
         proba = trained.predict_proba()
         latent = trained.get_latent()
