@@ -37,6 +37,19 @@ from stimg.tl import UncertaintyRule, least_confidence, register_annotation_rule
 LABELS = {CROSS_PATIENT: "pathologist_label", **{s: "expression_cluster" for s in C_SECTIONS}}
 
 
+def paired(df: pd.DataFrame, active: str, metric: str = "weighted_f1") -> pd.DataFrame:
+    """Per section and round: mean ± sd over seeds of (active − random) and seeds where active ≥ random.
+
+    Runs of one seed share the initial set and the model seed, so the per-seed difference is paired.
+    """
+    sub = df[(df["metric"] == metric) & df["rule"].isin([active, "random"])]
+    wide = sub.pivot_table(index=["section", "round", "seed"], columns="rule", values="value")
+    diff = (wide[active] - wide["random"]).rename("diff").reset_index()
+    g = diff.groupby(["section", "round"], sort=False)["diff"]
+    return pd.DataFrame({"mean_diff": g.mean(), "sd_diff": g.std(ddof=1),
+                         "seeds_active_ge_random": g.apply(lambda d: int((d >= -1e-12).sum())), "n_seeds": g.size()})
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sections", nargs="+", default=[CROSS_PATIENT, *C_SECTIONS])
@@ -103,6 +116,9 @@ def main() -> None:
                                            "random_sd": float(sd.loc[(sec, r), "random"])}
                                   for r in rows.index},
                 }
+    paired_tables = {cand: paired(df, cand) for cand in rules if cand != "random"}
+    for cand, tab in paired_tables.items():
+        tab.round(4).to_csv(f"{out}.paired_{cand}.csv")
     meta = {"command": " ".join(sys.argv), "seeds": args.seeds, "rounds": args.rounds, "rules": rules,
             "features": EMBED_KEY + (" + 1000 HVGs" if args.expression else ""), "threads": torch.get_num_threads(), "timing": timing, "verdict": verdict}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1))
@@ -110,6 +126,12 @@ def main() -> None:
     for cand, secs in verdict["weighted_f1"].items():
         print(f"  {cand}: " + ", ".join(f"{s} {'yes' if v['active_ge_random_rounds_2_5'] else 'NO'}"
                                         for s, v in secs.items()))
+    print(f"\npaired difference {args.active} − random (weighted F1; mean ± sd over seeds, seeds with ≥):")
+    t = paired_tables.get(args.active)
+    if t is not None:
+        print((t["mean_diff"].round(3).astype(str) + " ± " + t["sd_diff"].round(3).astype(str) + " ("
+               + t["seeds_active_ge_random"].astype(str) + "/" + t["n_seeds"].astype(str) + ")").unstack("round")
+              .to_string())
     print(f"total {time.perf_counter() - t0:.0f}s; wrote {out}.csv and {out}.json")
 
 
