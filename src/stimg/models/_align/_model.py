@@ -49,12 +49,20 @@ def _uniform_weights(sim: np.ndarray, scale: float) -> np.ndarray:
     return np.full_like(sim, 1.0 / sim.shape[1])
 
 
-#: How the top-k retrieved profiles are averaged: ``'softmax'`` weights them by
+def _similarity_weights(sim: np.ndarray, scale: float) -> np.ndarray:
+    w = np.clip(sim, 0.0, None)
+    tot = w.sum(1, keepdims=True)
+    return np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / sim.shape[1])
+
+
+#: How the top-k retrieved profiles are averaged: ``'mean'`` is BLEEP's plain average;
+#: ``'similarity'`` weights them by their cosine similarity (clipped at 0); ``'softmax'`` by
 #: ``softmax(s · cos)`` at the model's learnt scale ``s = 1/T`` (its own posterior over the
-#: retrieved pairs); ``'mean'`` is BLEEP's plain average.
+#: retrieved pairs, much more peaked).
 WEIGHTINGS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
-    "softmax": _softmax_weights,
     "mean": _uniform_weights,
+    "similarity": _similarity_weights,
+    "softmax": _softmax_weights,
 }
 
 
@@ -154,8 +162,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
                  learn_temperature: bool = True, seed: int | None = None) -> None:
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
-        image = np.asarray(self.adata_manager.get_from_registry(ALIGN_KEYS.IMAGE), dtype=np.float64)
-        gene = np.asarray(self.adata_manager.get_from_registry(ALIGN_KEYS.GENE), dtype=np.float64)
+        image = self.adata_manager.get_from_registry(ALIGN_KEYS.IMAGE)
+        gene = self.adata_manager.get_from_registry(ALIGN_KEYS.GENE)
         loss_kwargs: dict[str, Any] = {"min_temperature": float(min_temperature),
                                        "max_temperature": float(max_temperature),
                                        "learnable": bool(learn_temperature)}
@@ -169,8 +177,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         }
         with torch.random.fork_rng():
             torch.manual_seed(self.seed_)
-            self.module = AlignModule(**self.module_config_, image_mean=image.mean(0), image_std=image.std(0),
-                                      gene_mean=gene.mean(0), gene_std=gene.std(0))
+            self.module = AlignModule(**self.module_config_)  # standardised by the training rows in train()
         self.genes_ = list(args["genes"])
         self.setup_args_ = {k: args[k] for k in ("embedding_key", "genes", "layer", "gene_embedding_key")}
         self.provenance_ = embedding_provenance(adata, args["embedding_key"])
@@ -329,6 +336,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             msg = f"validation_size must be in [0, 1), got {validation_size!r}."
             raise ValueError(msg)
         rows = resolve_train_indices(self.adata, train_indices)
+        self.module.train()
         perm = np.random.default_rng(defaults.seed).permutation(rows)
         n_val = int(round(validation_size * rows.size))
         val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
@@ -337,6 +345,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             raise ValueError(msg)
         batch_size = int(min(batch_size, tr.size))
         rest = np.setdiff1d(np.arange(self.adata.n_obs), rows)
+        reg = self.adata_manager.get_from_registry
+        self.module.set_standardization(np.asarray(reg(ALIGN_KEYS.IMAGE))[tr], np.asarray(reg(ALIGN_KEYS.GENE))[tr])
         pk = {"lr": lr, "weight_decay": weight_decay, "warmup_fraction": warmup_fraction, **(plan_kwargs or {})}
         show = settings.progress if progress is None else progress
         trainer_kwargs.setdefault("enable_progress_bar", bool(show))

@@ -57,6 +57,14 @@ class AlignModule(BaseModuleClass):
         self.register_buffer("gene_mean", _buffer(gene_mean, n_gene, 0.0))
         self.register_buffer("gene_std", _buffer(gene_std, n_gene, 1.0).clamp_min(1e-6))
 
+    @torch.no_grad()
+    def set_standardization(self, image: np.ndarray, gene: np.ndarray) -> None:
+        """Standardise the inputs by the mean and sd of these (training) rows."""
+        for name, x in (("image", image), ("gene", gene)):
+            x = np.asarray(x, dtype=np.float64)
+            getattr(self, f"{name}_mean").copy_(torch.from_numpy(x.mean(0)))
+            getattr(self, f"{name}_std").copy_(torch.from_numpy(x.std(0)).clamp_min(1e-6))
+
     # ------------------------------------------------------------------ towers
     def embed_image(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm joint embedding of image features ``(n, n_image)``."""
