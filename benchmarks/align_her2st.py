@@ -55,7 +55,6 @@ def main() -> None:
 
     t0 = time.perf_counter()
     adata = load()
-    lib = adata.obs["library_id"].astype(str).to_numpy()
     rows = []
     for fold in FOLDS:
         if a.folds and fold.name not in a.folds:

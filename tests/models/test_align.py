@@ -138,7 +138,7 @@ def test_gene_latent_input(synth):
     m = si.models.ContrastiveAligner(a, n_latent=8, image_hidden=16, gene_hidden=16, seed=0)
     m.train(2, batch_size=32, accelerator="cpu")
     assert m.module_config_["n_gene"] == 6 and m.bank_profiles_.shape == (a.n_obs, 10)
-    assert m.has_expression(a) and not m.has_expression(a[:, :3].copy()) is False  # latent, not genes, decides
+    assert m.has_expression(a) and m.has_expression(a[:, :3].copy())  # the latent, not the genes, decides
     b = a.copy()
     del b.obsm["X_latent"]
     assert not m.has_expression(b)
@@ -199,3 +199,40 @@ def test_errors_name_the_fix_and_write_nothing(synth):
     assert a.obsm["si_align_image"].shape == (a.n_obs, 2) and "si_align_gene" not in a.obsm
     with pytest.raises(ValueError, match="modality"):
         m.get_latent_representation(a, modality="text")
+
+
+# ---------------------------------------------------------------------------------------------- LoRA ViT
+def test_lora_vit_image_tower_trains_adapters_only(tmp_path, accelerator):
+    """The GPU path (LoRA fine-tuning of a ViT on patches), on the CPU with a tiny random-weight ViT."""
+    pytest.importorskip("peft")
+    sdata = si.datasets.synthetic(48, 12, mpp=4.0, seed=1)
+    table = sdata.tables["table"]
+    si.models.ContrastiveAligner.setup_anndata(table, None, genes=table.var_names)
+    m = si.models.ContrastiveAligner(
+        table, image_encoder="vit_tiny_patch16_224", pretrained=False, input_px=32, patch_px=32, images=sdata,
+        encoder_kwargs={"depth": 2, "img_size": 32, "patch_size": 8}, lora_rank=4, n_latent=8, gene_hidden=16,
+        image_hidden=16, seed=0,
+    )
+    assert m.needs_images
+    enc = m.module.image_encoder
+    base = {k: v.detach().clone() for k, v in enc.named_parameters() if "lora_" not in k}
+    lora = {k: v.detach().clone() for k, v in enc.named_parameters() if "lora_B" in k}
+    assert lora and all(not p.requires_grad for k, p in enc.named_parameters() if "lora_" not in k)
+    m.train(3, batch_size=16, lr=1e-2, accelerator=accelerator)
+    after = dict(enc.named_parameters())
+    assert all(torch_equal(base[k], after[k]) for k in base)  # frozen backbone
+    assert any(not torch_equal(lora[k], after[k]) for k in lora)  # adapters moved (LoRA B starts at 0)
+    si.tl.align(sdata, m)
+    assert table.obsm["si_align_image"].shape == (48, 8)
+    si.tl.retrieve(sdata, m, k=5)  # predict_expression hands the SpatialData to the model (needs_images)
+    pred = table.layers["si_pred"].copy()
+    path = m.save(tmp_path / "lora.stimg")
+    back = si.models.load_model(path)
+    assert back.needs_images
+    np.testing.assert_allclose(back.predict(sdata, k=5).mean, pred, rtol=1e-5, atol=1e-6)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.detach().cpu(), b.detach().cpu()))

@@ -73,7 +73,7 @@ def align(
     start = time.perf_counter()
     _check_model(model, "si.tl.align")
     table = get_table(data, table_key)
-    out = {"image": model.get_latent_representation(table, modality="image")}
+    out = {"image": model.get_latent_representation(data, modality="image", table_key=table_key)}
     if model.has_expression(table, layer=layer):
         out["gene"] = model.get_latent_representation(table, modality="gene", layer=layer)
     if not inplace:

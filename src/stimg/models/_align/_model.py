@@ -15,7 +15,7 @@ from scvi.data import AnnDataManager
 from scvi.data.fields import ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from ..._constants import TARGET_KEY
+from ..._constants import TABLE_KEY, TARGET_KEY
 from ..._docs import d
 from ..._logging import logger
 from ..._prediction import ExpressionPrediction
@@ -31,11 +31,13 @@ from .._base import (
     train_defaults,
 )
 from .._ridge import log1p_counts
-from ._constants import ALIGN_KEYS, PROFILE_OBSM
+from ._constants import ALIGN_KEYS, PROFILE_OBSM, ROW_OBSM
+from ._lora import DEFAULT_TARGETS, lora_encoder
 from ._module import AlignModule
 from ._plan import ContrastiveTrainingPlan
 
 _MODALITIES = ("image", "gene")
+_N_STATS = 256  # training patches used to standardise the features of a fine-tuned encoder
 
 
 # ---------------------------------------------------------------------------------------------- retrieval
@@ -127,6 +129,26 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         ``False`` keeps the temperature fixed.
     seed
         Seed of the weight initialisation (``None``: :attr:`stimg.settings.seed`).
+    image_encoder
+        Fine-tune this image encoder with LoRA instead of using frozen features (HESCAPE's
+        "unlocked" image side; meant for a GPU): a ViT name of :func:`stimg.encoders.get_encoder`
+        (registry or timm) or a module. Set up the table with ``embedding_key=None``; patches of
+        ``patch_um`` µm are read from ``images``. Only the LoRA adapters (and the heads) train.
+    lora_rank, lora_alpha, lora_targets
+        LoRA rank, scaling and target modules (default: every block's ``attn.qkv`` and ``attn.proj``).
+    pretrained
+        Start the encoder from pretrained weights.
+    patch_um, patch_px
+        Patch side in µm and in pixels (``None``: the encoder's input size).
+    input_px
+        Network input side (``None``: the encoder's).
+    images
+        SpatialData or AnnData holding the H&E of the table's spots (``None``: ``adata`` itself,
+        an AnnData with scanpy's ``.uns['spatial']`` images).
+    table_key
+        Table of ``images`` when it is a SpatialData.
+    encoder_kwargs
+        Passed to :func:`stimg.encoders.get_encoder` (e.g. ``depth=2`` for a small test copy).
 
     Attributes
     ----------
@@ -159,42 +181,110 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     def __init__(self, adata: AnnData, *, n_latent: int = 128, image_hidden: int | None = 256,
                  gene_hidden: int | None = None, dropout: float = 0.5, loss: str = "clip",
                  temperature: float | None = None, min_temperature: float = 0.01, max_temperature: float = 1.0,
-                 learn_temperature: bool = True, seed: int | None = None) -> None:
+                 learn_temperature: bool = True, seed: int | None = None,
+                 image_encoder: str | torch.nn.Module | None = None, lora_rank: int = 8, lora_alpha: float = 16.0,
+                 lora_targets: str | list[str] = DEFAULT_TARGETS, pretrained: bool = True, patch_um: float = 112.0,
+                 patch_px: int | None = None, input_px: int | None = None, images: Any = None,
+                 table_key: str = TABLE_KEY, encoder_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
-        image = self.adata_manager.get_from_registry(ALIGN_KEYS.IMAGE)
         gene = self.adata_manager.get_from_registry(ALIGN_KEYS.GENE)
+        if (image_encoder is None) == (args["embedding_key"] is None):
+            msg = ("pass either image features (setup_anndata(embedding_key=...)) or an image encoder to fine-tune "
+                   "(setup_anndata(embedding_key=None) and ContrastiveAligner(image_encoder=...)), not "
+                   f"{'both' if image_encoder is not None else 'neither'}.")
+            raise ValueError(msg)
         loss_kwargs: dict[str, Any] = {"min_temperature": float(min_temperature),
                                        "max_temperature": float(max_temperature),
                                        "learnable": bool(learn_temperature)}
         if temperature is not None:
             loss_kwargs["init_temperature"] = float(temperature)
         self.seed_ = train_defaults(seed=seed).seed
+        enc = None
+        self.encoder_config_ = None
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed_)
+            if image_encoder is not None:
+                enc = lora_encoder(image_encoder, rank=lora_rank, alpha=lora_alpha, target_modules=lora_targets,
+                                   pretrained=pretrained, input_px=input_px, **(encoder_kwargs or {}))
+                self.encoder_config_ = {
+                    "name": image_encoder if isinstance(image_encoder, str) else None, "lora_rank": int(lora_rank),
+                    "lora_alpha": float(lora_alpha), "lora_targets": lora_targets, "input_px": input_px,
+                    "patch_um": float(patch_um), "patch_px": int(patch_px or enc.input_px), "table_key": table_key,
+                    "encoder_kwargs": dict(encoder_kwargs or {}), "dim": int(enc.dim),
+                }
+        n_image = int(enc.dim) if enc is not None else int(self.adata_manager.get_from_registry(ALIGN_KEYS.IMAGE).shape[1])
         self.module_config_ = {
-            "n_image": int(image.shape[1]), "n_gene": int(gene.shape[1]), "n_latent": int(n_latent),
+            "n_image": n_image, "n_gene": int(gene.shape[1]), "n_latent": int(n_latent),
             "image_hidden": image_hidden, "gene_hidden": gene_hidden, "dropout": float(dropout), "loss": loss,
             "loss_kwargs": loss_kwargs,
         }
         with torch.random.fork_rng():
             torch.manual_seed(self.seed_)
-            self.module = AlignModule(**self.module_config_)  # standardised by the training rows in train()
+            self.module = AlignModule(**self.module_config_, image_encoder=enc)  # standardised in train()
+        if enc is not None:
+            self._attach_patches(adata if images is None else images, table_key, adata)
         self.genes_ = list(args["genes"])
         self.setup_args_ = {k: args[k] for k in ("embedding_key", "genes", "layer", "gene_embedding_key")}
-        self.provenance_ = embedding_provenance(adata, args["embedding_key"])
+        self.provenance_ = (embedding_provenance(adata, args["embedding_key"]) if enc is None else
+                            {"encoder": self.encoder_config_["name"], "finetuned": "lora",
+                             "patch_um": self.encoder_config_["patch_um"],
+                             "patch_px": self.encoder_config_["patch_px"], "dim": n_image})
         self.gene_provenance_ = (None if args["gene_embedding_key"] is None
                                  else embedding_provenance(adata, args["gene_embedding_key"]))
         self.bank_embedding_: np.ndarray | None = None
         self.bank_profiles_: np.ndarray | None = None
         self.bank_obs_names_: list[str] | None = None
         self._model_summary_string = (
-            f"ContrastiveAligner: image {image.shape[1]} → {n_latent} ← "
+            f"ContrastiveAligner: image {n_image}{' (LoRA)' if enc is not None else ''} → {n_latent} ← "
             f"{'latent ' + args['gene_embedding_key'] if args['gene_embedding_key'] else 'log1p counts'} "
             f"{gene.shape[1]}, loss={loss}")
         self.init_params_ = self._get_init_params(locals())
 
+    @property
+    def needs_images(self) -> bool:
+        """Whether the model reads H&E patches itself (a LoRA-fine-tuned encoder) rather than ``.obsm`` features."""
+        return self.module.image_encoder is not None
+
+    def _patch_dataset(self, data: Any, table_key: str):
+        from ...pp import extract_patches
+
+        c = self.encoder_config_
+        table = get_table(data, table_key)
+        ds = extract_patches(data, patch_um=c["patch_um"], patch_px=c["patch_px"], table_key=table_key)
+        item = np.full(table.n_obs, -1, dtype=np.int64)
+        item[ds.obs_index] = np.arange(len(ds))
+        if (item < 0).any():
+            msg = (f"{int((item < 0).sum())} of {table.n_obs} spots have no image to cut patches from; "
+                   "use sections with H&E images.")
+            raise ValueError(msg)
+        return table, ds, item
+
+    def _attach_patches(self, data: Any, table_key: str, adata: AnnData) -> None:
+        from ...pp._patch_dataset import PatchDataset
+
+        table, ds, item = self._patch_dataset(data, table_key)
+        if table.n_obs != adata.n_obs or not np.array_equal(table.obs_names, adata.obs_names):
+            msg = "images= must hold the same spots (same obs_names, same order) as the registered table."
+            raise ValueError(msg)
+        self.module.patch_source = lambda rows: PatchDataset.collate([ds[int(i)] for i in item[rows]])
+
+    @torch.no_grad()
+    def _encoder_features(self, data: Any, table_key: str, batch_size: int = 64) -> np.ndarray:
+        from ...pp._patch_dataset import PatchDataset
+
+        table, ds, item = self._patch_dataset(data, table_key)
+        self.module.eval()
+        dev = self.module.image_mean.device
+        out = []
+        for s in range(0, table.n_obs, batch_size):
+            x = PatchDataset.collate([ds[int(i)] for i in item[s:s + batch_size]])
+            out.append(self.module.encode_patches(x.to(dev)).cpu())
+        return torch.cat(out).numpy()
+
     def __repr__(self) -> str:
         state = f"trained on {len(self.bank_profiles_)} spots" if self.is_trained_ else "untrained"
-        return (f"ContrastiveAligner({self.setup_args_['embedding_key']!r} ↔ "
+        return (f"ContrastiveAligner({self.setup_args_['embedding_key'] or 'LoRA ' + str(self.encoder_config_['name'])!r} ↔ "
                 f"{self.setup_args_['gene_embedding_key'] or f'{len(self.genes_)} genes'}, "
                 f"loss={self.module_config_['loss']!r}, n_latent={self.module_config_['n_latent']}) [{state}]")
 
@@ -203,7 +293,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     def setup_anndata(
         cls,
         adata: AnnData,
-        embedding_key: str,
+        embedding_key: str | None,
         *,
         genes: Sequence[str] | None = None,
         layer: str | None = None,
@@ -221,7 +311,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         adata
             Table with spots in rows, image features in ``.obsm`` and raw counts.
         embedding_key
-            ``.obsm`` key of the image features (e.g. ``'X_efficientnet_lite0'`` from :func:`stimg.pp.embed`).
+            ``.obsm`` key of the image features (e.g. ``'X_efficientnet_lite0'`` from :func:`stimg.pp.embed`);
+            ``None`` for a model that fine-tunes its own image encoder (``image_encoder=``).
         genes
             Genes of the expression input and of retrieval predictions; ``None`` uses
             ``.var[target_key]`` (:func:`stimg.pp.select_genes`).
@@ -244,9 +335,10 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         from ..._spatial import get_table as _gt
 
         adata = _gt(adata)
-        assert_key_in(adata.obsm, embedding_key, where="adata.obsm",
-                      hint="Compute image features first, e.g. with si.pp.embed.")
-        check_matrix(adata.obsm[embedding_key], f"adata.obsm[{embedding_key!r}]", n_obs=adata.n_obs)
+        if embedding_key is not None:
+            assert_key_in(adata.obsm, embedding_key, where="adata.obsm",
+                          hint="Compute image features first, e.g. with si.pp.embed.")
+            check_matrix(adata.obsm[embedding_key], f"adata.obsm[{embedding_key!r}]", n_obs=adata.n_obs)
         genes = _resolve_genes(adata, genes, target_key)
         profiles = log1p_counts(adata, genes, layer).astype(np.float32)
         if gene_embedding_key is not None:
@@ -259,7 +351,9 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         args = cls._get_setup_method_args(cls=cls, adata=adata, embedding_key=embedding_key, genes=genes,
                                           layer=layer, target_key=target_key, gene_embedding_key=gene_embedding_key)
         adata.obsm[PROFILE_OBSM] = profiles
-        fields = [ObsmField(ALIGN_KEYS.IMAGE, embedding_key),
+        if embedding_key is None:  # the image tower reads patches of these rows
+            adata.obsm[ROW_OBSM] = np.arange(adata.n_obs, dtype=np.float32)[:, None]
+        fields = [ObsmField(ALIGN_KEYS.IMAGE, embedding_key or ROW_OBSM),
                   ObsmField(ALIGN_KEYS.GENE, gene_embedding_key or PROFILE_OBSM)]
         mgr = AnnDataManager(fields=fields, setup_method_args=args)
         scvi_logger = logging.getLogger("scvi")
@@ -346,7 +440,16 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size = int(min(batch_size, tr.size))
         rest = np.setdiff1d(np.arange(self.adata.n_obs), rows)
         reg = self.adata_manager.get_from_registry
-        self.module.set_standardization(np.asarray(reg(ALIGN_KEYS.IMAGE))[tr], np.asarray(reg(ALIGN_KEYS.GENE))[tr])
+        if self.needs_images:  # features of the (pretrained) encoder on up to 256 training patches
+            sel = np.sort(np.random.default_rng(defaults.seed).permutation(tr)[:_N_STATS])
+            with torch.no_grad():
+                self.module.eval()
+                img = torch.cat([self.module.image_features(torch.as_tensor(sel[i:i + 64]))
+                                 for i in range(0, sel.size, 64)]).cpu().numpy()
+                self.module.train()
+        else:
+            img = np.asarray(reg(ALIGN_KEYS.IMAGE))[tr]
+        self.module.set_standardization(img, np.asarray(reg(ALIGN_KEYS.GENE))[tr])
         pk = {"lr": lr, "weight_decay": weight_decay, "warmup_fraction": warmup_fraction, **(plan_kwargs or {})}
         show = settings.progress if progress is None else progress
         trainer_kwargs.setdefault("enable_progress_bar", bool(show))
@@ -403,9 +506,14 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
                for i in range(0, len(x), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.module_config_["n_latent"]), np.float32)
 
-    def _image_input(self, adata: AnnData) -> np.ndarray:
+    def _image_embedding(self, data: Any, table_key: str = TABLE_KEY) -> np.ndarray:
+        """Joint-space image embeddings of every spot of ``data`` (features from ``.obsm`` or patches)."""
+        if self.needs_images:
+            return self._embed(self.module.project_image, self._encoder_features(data, table_key))
+        adata = get_table(data, table_key)
         key = check_embedding(adata, self.provenance_)
-        return check_matrix(adata.obsm[key], f"adata.obsm[{key!r}]", n_obs=adata.n_obs).astype(np.float32)
+        x = check_matrix(adata.obsm[key], f"adata.obsm[{key!r}]", n_obs=adata.n_obs).astype(np.float32)
+        return self._embed(self.module.embed_image, x)
 
     def _gene_input(self, adata: AnnData, layer: str | None = None, *, required: bool = True
                     ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -467,8 +575,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         has_matrix = adata.X is not None if layer is None else layer in adata.layers
         return has_matrix and not len(pd.Index(self.genes_).difference(adata.var_names))
 
-    def get_latent_representation(self, adata: AnnData | None = None, *, modality: str = "image",
-                                  layer: str | None = None) -> np.ndarray:
+    def get_latent_representation(self, adata: Any = None, *, modality: str = "image",
+                                  layer: str | None = None, table_key: str = TABLE_KEY) -> np.ndarray:
         """Unit-norm joint-space embeddings of the image side or the expression side.
 
         Parameters
@@ -480,6 +588,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             ``'image'`` or ``'gene'``.
         layer
             Raw-count layer for ``'gene'`` (``None``: the registered layer).
+        table_key
+            Table of a SpatialData ``adata``.
 
         Returns
         -------
@@ -490,16 +600,25 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         >>> z_img = model.get_latent_representation(adata, modality="image")  # doctest: +SKIP
         """
         check_trained(self, "embedding")
-        adata = self.adata if adata is None else get_table(adata)
         if modality not in _MODALITIES:
             msg = f"modality must be one of {_MODALITIES}, got {modality!r}."
             raise ValueError(msg)
+        data = self._data(adata)
         if modality == "image":
-            return self._embed(self.module.embed_image, self._image_input(adata))
+            return self._image_embedding(data, table_key)
+        adata = get_table(data, table_key)
         rows, x = self._gene_input(adata, layer)
         out = np.full((adata.n_obs, self.module_config_["n_latent"]), np.nan, dtype=np.float32)
         out[rows] = self._embed(self.module.embed_gene, x)
         return out
+
+    def _data(self, data: Any) -> Any:
+        if data is None:
+            if self.adata is None:
+                msg = "this model was loaded without a table; pass the data to embed or predict."
+                raise ValueError(msg)
+            return self.adata
+        return data
 
     # ------------------------------------------------------------------ prediction by retrieval
     def _reference_bank(self, reference: Any, genes: Sequence[str] | None, layer: str | None
@@ -537,6 +656,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         weighting: str = "softmax",
         genes: Sequence[str] | None = None,
         layer: str | None = None,
+        table_key: str = TABLE_KEY,
     ) -> ExpressionPrediction:
         """Predict ``log1p`` expression from images by retrieval (BLEEP); no counts needed.
 
@@ -561,6 +681,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             Genes to predict; ``None``: the model's genes. With ``reference``, any genes of it.
         layer
             Raw-count layer of ``reference`` (``None``: the registered layer).
+        table_key
+            Table of a SpatialData ``adata``.
 
         Returns
         -------
@@ -578,8 +700,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         if int(k) < 1:
             msg = f"k must be ≥ 1, got {k!r}."
             raise ValueError(msg)
-        adata = self.adata if adata is None else get_table(adata)
-        z = self._embed(self.module.embed_image, self._image_input(adata))
+        z = self._image_embedding(self._data(adata), table_key)
         bank, profiles, names = self._reference_bank(reference, genes, layer)
         idx, sim = retrieve_topk(z, bank, int(k))
         w = WEIGHTINGS[weighting](sim.astype(np.float64), 1.0 / self.temperature)
@@ -590,6 +711,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         header = {
             "setup_args": self.setup_args_, "module_config": self.module_config_, "seed": self.seed_,
+            "encoder_config": self.encoder_config_,
             "provenance": self.provenance_, "gene_provenance": self.gene_provenance_,
             "train_params": getattr(self, "train_params_", None), "bank_obs_names": self.bank_obs_names_,
             "history": _history_to_json(self.history_),
@@ -603,6 +725,17 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: Any = None, **kwargs: Any
                     ) -> ContrastiveAligner:
         cfg = header["module_config"]
+        ecfg = header.get("encoder_config")
+        enc = None
+        if ecfg is not None:  # rebuild the architecture; weights (base + adapters) come from the file
+            custom = kwargs.get("image_encoder")
+            if ecfg["name"] is None and custom is None:
+                msg = ("this aligner fine-tuned a custom encoder module; pass it again: "
+                       "ContrastiveAligner.load(path, image_encoder=module).")
+                raise ValueError(msg)
+            enc = lora_encoder(custom if custom is not None else ecfg["name"], rank=ecfg["lora_rank"],
+                               alpha=ecfg["lora_alpha"], target_modules=ecfg["lora_targets"], pretrained=False,
+                               input_px=ecfg["input_px"], **ecfg["encoder_kwargs"])
         if adata is not None:  # attach a table (registered like the training table) to continue training
             adata = get_table(adata)
             s = header["setup_args"]
@@ -614,13 +747,17 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             model = cls.__new__(cls)
             BaseModelClass.__init__(model, None, registry={"setup_args": dict(header["setup_args"]),
                                                            "field_registries": {}})
-        model.module = AlignModule(**cfg)
+        model.module = AlignModule(**cfg, image_encoder=enc)
         model.module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
         model.module.eval()
         model.module_config_, model.seed_ = cfg, int(header["seed"])
         model.setup_args_ = dict(header["setup_args"])
         model.genes_ = list(model.setup_args_["genes"])
         model.provenance_, model.gene_provenance_ = header["provenance"], header["gene_provenance"]
+        model.encoder_config_ = ecfg
+        if enc is not None and adata is not None:
+            model._attach_patches(kwargs.get("images", adata), ecfg["table_key"] if "images" in kwargs else TABLE_KEY,
+                                  model.adata)
         model.train_params_ = header.get("train_params")
         model.bank_embedding_ = tensors["bank_embedding"].numpy()
         model.bank_profiles_ = tensors["bank_profiles"].numpy()

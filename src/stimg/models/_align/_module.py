@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
 
 from .._contrastive import ProjectionHead, l2_normalize, make_loss
 from ._constants import ALIGN_KEYS
@@ -47,8 +49,12 @@ class AlignModule(BaseModuleClass):
                  gene_hidden: int | None = None, dropout: float = 0.5, loss: str = "clip",
                  loss_kwargs: dict[str, Any] | None = None, image_mean: np.ndarray | None = None,
                  image_std: np.ndarray | None = None, gene_mean: np.ndarray | None = None,
-                 gene_std: np.ndarray | None = None) -> None:
+                 gene_std: np.ndarray | None = None, image_encoder: nn.Module | None = None) -> None:
         super().__init__()
+        #: optional trainable image encoder (LoRA ViT): the image input is then spot rows, whose
+        #: uint8 patches come from ``patch_source(rows)`` (set by the model; not saved).
+        self.image_encoder = image_encoder
+        self.patch_source: Callable[[np.ndarray], torch.Tensor] | None = None
         self.image_head = ProjectionHead(n_image, n_latent, n_hidden=image_hidden, dropout=dropout)
         self.gene_head = ProjectionHead(n_gene, n_latent, n_hidden=gene_hidden, dropout=dropout)
         self.contrastive = make_loss(loss, **(loss_kwargs or {}))
@@ -66,9 +72,35 @@ class AlignModule(BaseModuleClass):
             getattr(self, f"{name}_std").copy_(torch.from_numpy(x.std(0)).clamp_min(1e-6))
 
     # ------------------------------------------------------------------ towers
-    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of a uint8 patch batch from the trainable encoder (mixed precision on CUDA; flips when training)."""
+        if self.training:
+            from .._nb._finetune_module import augment
+
+            x = augment(x)
+        if x.device.type == "cuda" and not torch.is_autocast_enabled():
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                return self.image_encoder(x).float()
+        return self.image_encoder(x).float()
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image features: ``x`` itself (frozen features), or the encoder's features of the patches of rows ``x``."""
+        if self.image_encoder is None:
+            return x.float()
+        if self.patch_source is None:
+            msg = "this aligner fine-tunes an image encoder: give it patches (the model sets patch_source)."
+            raise RuntimeError(msg)
+        rows = x.reshape(-1).long().cpu().numpy()
+        return self.encode_patches(self.patch_source(rows).to(self.image_mean.device, non_blocking=True))
+
+    def project_image(self, feats: torch.Tensor) -> torch.Tensor:
         """Unit-norm joint embedding of image features ``(n, n_image)``."""
-        return l2_normalize(self.image_head((x.float() - self.image_mean) / self.image_std))
+        return l2_normalize(self.image_head((feats.float() - self.image_mean) / self.image_std))
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Unit-norm joint embedding of image features (or of the patches of rows ``x`` with an encoder)."""
+        return self.project_image(self.image_features(x))
 
     def embed_gene(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm joint embedding of expression inputs ``(n, n_gene)``."""
