@@ -85,10 +85,15 @@ def test_retrieval_known_answer_and_tl_functions(synth):
     # softmax weighting at the learnt temperature
     w = np.exp((np.take_along_axis(sims, top, 1) - sims.max(1, keepdims=True)) / m.temperature)
     w /= w.sum(1, keepdims=True)
-    soft = m.predict(a[:30], k=k).mean
+    soft = m.predict(a[:30], k=k, weighting="softmax").mean
     np.testing.assert_allclose(soft, np.einsum("nk,nkg->ng", w, m.bank_profiles_[top]), rtol=1e-4, atol=1e-5)
     # a reference table gives the same answer as the bank built from the same spots
-    np.testing.assert_allclose(m.predict(a[:30], k=k, reference=a).mean, soft, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m.predict(a[:30], k=k, reference=a, weighting="softmax").mean, soft, rtol=1e-4,
+                               atol=1e-5)
+    cos = np.clip(np.take_along_axis(sims, top, 1), 0, None)
+    np.testing.assert_allclose(m.predict(a[:30], k=k, weighting="similarity").mean,
+                               np.einsum("nk,nkg->ng", cos / cos.sum(1, keepdims=True), m.bank_profiles_[top]),
+                               rtol=1e-4, atol=1e-5)
     # si.tl.retrieve on tiles without counts → .layers via predict_expression
     tiles = a[:30].copy()
     tiles.X = None
@@ -164,6 +169,15 @@ def test_errors_name_the_fix_and_write_nothing(synth):
     with pytest.raises(ValueError, match="contrastive loss"):
         si.models.ContrastiveAligner.setup_anndata(a, "X_synthetic", genes=a.var_names)
         si.models.ContrastiveAligner(a, loss="triplet")
+
+    si.models.ContrastiveAligner.setup_anndata(a, None, genes=a.var_names)
+    with pytest.raises(ValueError, match="either image features .* or an image encoder"):
+        si.models.ContrastiveAligner(a)
+    import inspect
+
+    params = inspect.signature(si.models.ContrastiveAligner.train).parameters  # the model contract
+    assert list(params)[1:7] == ["max_epochs", "train_indices", "accelerator", "devices", "seed", "progress"]
+    assert all(params[p].default is None for p in list(params)[1:7])
 
     si.models.ContrastiveAligner.setup_anndata(a, "X_synthetic", genes=a.var_names)
     m = si.models.ContrastiveAligner(a, n_latent=8, image_hidden=16, gene_hidden=16)

@@ -104,7 +104,7 @@ def retrieve(
     *,
     reference: Any = None,
     k: int = 50,
-    weighting: str = "softmax",
+    weighting: str = "mean",
     genes: Sequence[str] | None = None,
     reference_layer: str | None = None,
     table_key: str = TABLE_KEY,
@@ -114,7 +114,8 @@ def retrieve(
     """Predict expression of spots or tiles from their images by retrieval (BLEEP); no counts needed.
 
     Each query's image embedding retrieves the ``k`` reference spots with the most similar
-    expression embeddings; the prediction is their similarity-weighted mean ``log1p`` profile.
+    expression embeddings; the prediction is the mean of their ``log1p`` profiles, plain (BLEEP,
+    the default) or weighted by similarity.
     The reference is any table with measured counts (e.g. the training sections), or the model's
     own bank of training spots. Written through :func:`stimg.tl.predict_expression`.
 
@@ -129,7 +130,8 @@ def retrieve(
     k
         Number of retrieved reference spots.
     weighting
-        ``'softmax'`` (``softmax(cos / T)`` at the learnt temperature) or ``'mean'`` (BLEEP).
+        ``'mean'`` (BLEEP's plain average), ``'similarity'`` (weights ∝ cosine) or ``'softmax'``
+        (``softmax(cos / T)`` at the learnt temperature).
     genes
         Genes to predict (``None``: the model's genes; with ``reference``, any of its genes).
     reference_layer
@@ -153,7 +155,7 @@ def retrieve(
     >>> model = si.models.ContrastiveAligner(adata, n_latent=16)
     >>> model.train(max_epochs=2, batch_size=64, progress=False)
     >>> tiles = adata[:20].copy()
-    >>> del tiles.X  # no counts needed
+    >>> tiles.X = None  # no counts needed
     >>> si.tl.retrieve(tiles, model, reference=adata, k=10)
     >>> tiles.layers["si_pred"].shape
     (20, 30)

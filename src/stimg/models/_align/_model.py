@@ -103,8 +103,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     After training the model keeps a **reference bank**: the expression embeddings and ``log1p``
     profiles of its training spots. :meth:`predict` embeds query images (no counts needed) and
     returns the similarity-weighted mean of the top-``k`` bank profiles — BLEEP's prediction by
-    retrieval, through :func:`stimg.tl.predict_expression`. Plain BLEEP is the configuration
-    ``loss='clip'`` with ``predict(k=50, weighting='mean')``.
+    retrieval, through :func:`stimg.tl.predict_expression`. Plain BLEEP (retrieval only) is the
+    configuration ``loss='clip'`` with ``predict(k=50, weighting='mean')`` (the defaults).
 
     Parameters
     ----------
@@ -388,12 +388,13 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         """Train both towers with the contrastive loss, then build the reference bank.
 
         Every epoch sees the training spots in shuffled minibatches of ``batch_size`` pairs (the
-        other pairs of a batch are the negatives); the last incomplete batch is dropped.
+        other pairs of a batch are the negatives); the last incomplete batch is dropped. The
+        default is 20 epochs: spot data sets are small and longer training overfits (40 epochs
+        lowered held-out recall on HER2ST, ``benchmarks/align_her2st.py``).
 
         Parameters
         ----------
-        %(max_epochs)s Default 20: spot data sets are small, and longer training overfits
-            (measured on HER2ST, see ``benchmarks/align_her2st.py``).
+        %(max_epochs)s
         %(train_indices)s
         %(accelerator)s
         %(devices)s
@@ -653,7 +654,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         *,
         reference: Any = None,
         k: int = 50,
-        weighting: str = "softmax",
+        weighting: str = "mean",
         genes: Sequence[str] | None = None,
         layer: str | None = None,
         table_key: str = TABLE_KEY,
@@ -662,7 +663,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
 
         Each query spot or tile is embedded by the image tower; the ``k`` reference spots whose
         expression embeddings are most cosine-similar are retrieved and their ``log1p`` profiles
-        averaged with weights from ``weighting``.
+        averaged (plainly, or weighted by similarity, see ``weighting``).
 
         Parameters
         ----------
@@ -675,8 +676,9 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         k
             Number of retrieved profiles.
         weighting
-            ``'softmax'`` (weights ``softmax(cos / T)`` at the learnt temperature) or ``'mean'``
-            (BLEEP's plain average); see ``WEIGHTINGS``.
+            ``'mean'`` (BLEEP's plain average; the default, best on HER2ST in
+            ``benchmarks/align_her2st.py``), ``'similarity'`` (weights ∝ cosine similarity) or
+            ``'softmax'`` (weights ``softmax(cos / T)`` at the learnt temperature); see ``WEIGHTINGS``.
         genes
             Genes to predict; ``None``: the model's genes. With ``reference``, any genes of it.
         layer
@@ -736,6 +738,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             enc = lora_encoder(custom if custom is not None else ecfg["name"], rank=ecfg["lora_rank"],
                                alpha=ecfg["lora_alpha"], target_modules=ecfg["lora_targets"], pretrained=False,
                                input_px=ecfg["input_px"], **ecfg["encoder_kwargs"])
+        data = adata
         if adata is not None:  # attach a table (registered like the training table) to continue training
             adata = get_table(adata)
             s = header["setup_args"]
@@ -756,8 +759,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         model.provenance_, model.gene_provenance_ = header["provenance"], header["gene_provenance"]
         model.encoder_config_ = ecfg
         if enc is not None and adata is not None:
-            model._attach_patches(kwargs.get("images", adata), ecfg["table_key"] if "images" in kwargs else TABLE_KEY,
-                                  model.adata)
+            model._attach_patches(kwargs.get("images", data), ecfg["table_key"], model.adata)
         model.train_params_ = header.get("train_params")
         model.bank_embedding_ = tensors["bank_embedding"].numpy()
         model.bank_profiles_ = tensors["bank_profiles"].numpy()
