@@ -89,7 +89,7 @@ def main() -> None:
             # ridge on the aligned image embedding vs frozen features (same genes, same folds)
             z_all = model.get_latent_representation(sub, modality="image")
             sub.obsm["X_aligned"] = z_all
-            rm = si.models.RidgeRegressor().fit(sub, "X_aligned", genes=d.genes, train_mask=is_train)
+            rm = si.models.RidgeRegressor().fit(sub, "X_aligned", genes=d.genes, train_indices=is_train)
             row["pcc_ridge_aligned"] = score(d, rm.predict(sub[~is_train]).mean)["pcc"]
             if not a.no_silhouette:
                 fro = np.asarray(sub.obsm[EMBED_KEY])
@@ -99,7 +99,7 @@ def main() -> None:
             print(fold.name, seed, {k: round(v, 3) for k, v in row.items() if k.startswith(("R@5", "pcc", "chance@5"))},
                   flush=True)
         if not a.no_baselines:
-            rm = si.models.RidgeRegressor().fit(sub, EMBED_KEY, genes=d.genes, train_mask=is_train)
+            rm = si.models.RidgeRegressor().fit(sub, EMBED_KEY, genes=d.genes, train_indices=is_train)
             ridge = score(d, rm.predict(sub[~is_train]).mean)["pcc"]
             tr_ad = sub[is_train].copy()
             si.models.NBRegressor.setup_anndata(tr_ad, EMBED_KEY, genes=d.genes)

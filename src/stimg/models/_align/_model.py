@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +28,7 @@ from .._base import (
     resolve_train_indices,
     train_defaults,
 )
+from .._nb._training import quiet_lightning, register_quietly, split_train_validation
 from .._ridge import log1p_counts
 from ._constants import ALIGN_KEYS, PROFILE_OBSM, ROW_OBSM
 from ._lora import DEFAULT_TARGETS, lora_encoder
@@ -356,13 +355,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         fields = [ObsmField(ALIGN_KEYS.IMAGE, embedding_key or ROW_OBSM),
                   ObsmField(ALIGN_KEYS.GENE, gene_embedding_key or PROFILE_OBSM)]
         mgr = AnnDataManager(fields=fields, setup_method_args=args)
-        scvi_logger = logging.getLogger("scvi")
-        old = scvi_logger.level
-        scvi_logger.setLevel(logging.WARNING)  # "Generating sequential column names" for obsm fields
-        try:
-            mgr.register_fields(adata, **kwargs)
-        finally:
-            scvi_logger.setLevel(old)
+        register_quietly(mgr, adata, **kwargs)
         cls.register_manager(mgr)
 
     # ------------------------------------------------------------------ training
@@ -427,14 +420,10 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         if max_epochs < 1:
             msg = f"max_epochs must be ≥ 1, got {max_epochs}."
             raise ValueError(msg)
-        if not 0 <= validation_size < 1:
-            msg = f"validation_size must be in [0, 1), got {validation_size!r}."
-            raise ValueError(msg)
         rows = resolve_train_indices(self.adata, train_indices)
         self.module.train()
-        perm = np.random.default_rng(defaults.seed).permutation(rows)
-        n_val = int(round(validation_size * rows.size))
-        val, tr = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+        tr, val = split_train_validation(rows, validation_size, False, defaults.seed)
+        n_val = val.size
         if tr.size < 2:
             msg = f"contrastive training needs at least 2 training spots (pairs), got {tr.size}."
             raise ValueError(msg)
@@ -459,24 +448,14 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs.setdefault("gradient_clip_val", gradient_clip_val)
         if n_val:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "scvi")]
-        old = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.WARNING)
-        try:
-            with torch.random.fork_rng(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-                warnings.filterwarnings("ignore", message=".*treespec.*")
-                torch.manual_seed(defaults.seed)
-                UnsupervisedTrainingMixin.train(
-                    self, max_epochs=max_epochs, accelerator=defaults.accelerator, devices=defaults.devices,
-                    batch_size=batch_size, early_stopping=False, plan_kwargs=pk,
-                    datasplitter_kwargs={"external_indexing": [tr, val, rest], "drop_last": True},
-                    **trainer_kwargs,
-                )
-        finally:
-            for lg, lv in zip(quiet, old, strict=True):
-                lg.setLevel(lv)
+        with quiet_lightning(), torch.random.fork_rng():
+            torch.manual_seed(defaults.seed)
+            UnsupervisedTrainingMixin.train(
+                self, max_epochs=max_epochs, accelerator=defaults.accelerator, devices=defaults.devices,
+                batch_size=batch_size, early_stopping=False, plan_kwargs=pk,
+                datasplitter_kwargs={"external_indexing": [tr, val, rest], "drop_last": True},
+                **trainer_kwargs,
+            )
         self.module.eval()
         self.train_indices_, self.validation_indices_ = tr, val
         self.train_params_ = {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr,
