@@ -26,6 +26,8 @@ _LAZY: dict[str, str] = {
     "PCAGeneEncoder": "._sc_prior",
     # active annotation (issue 10)
     "SpotClassifier": "._classifier",
+    # contrastive alignment and retrieval (issue 8)
+    "ContrastiveAligner": "._align",
 }
 
 __all__ = sorted(_LAZY)

@@ -2,6 +2,7 @@
 
 from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
+from ._align import align, retrieve
 from ._annotate import AnnotationRound, annotate, annotation_summary, predict_annotation, simulate_annotation
 from ._annotation_rules import (
     AnnotationRule,
@@ -28,6 +29,7 @@ __all__ = [
     "SelectionContext",
     "UncertaintyRule",
     "active_sample",
+    "align",
     "annotate",
     "annotation_rules",
     "annotation_summary",
@@ -40,6 +42,7 @@ __all__ = [
     "predict_annotation",
     "predict_expression",
     "register_annotation_rule",
+    "retrieve",
     "simulate_annotation",
     "simulate_sampling",
     "split_by_patient",
