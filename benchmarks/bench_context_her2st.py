@@ -57,7 +57,7 @@ def features(adata, setting: str, fold, genes) -> tuple[str, dict]:
     if setting == "CV-chosen":
         key = f"X_cv_{fold.name}"
         train = adata.obs["library_id"].isin(fold.train).to_numpy()
-        res = si.tl.choose_spatial_context(adata, EMBED_KEY, train_mask=train, genes=genes, key_added=key)
+        res = si.tl.choose_spatial_context(adata, EMBED_KEY, train_indices=train, genes=genes, key_added=key)
         return key, {"chosen": res.loc[res.chosen, "context"].iloc[0],
                      "cv": dict(zip(res["context"], res["mean_pcc"].round(4), strict=True))}
     if key in adata.obsm:
@@ -79,7 +79,7 @@ def features(adata, setting: str, fold, genes) -> tuple[str, dict]:
 def ridge(adata, key, d) -> np.ndarray:
     train = np.zeros(adata.n_obs, bool)
     train[d.train] = True
-    model = si.models.RidgeRegressor().fit(adata, key, genes=d.genes, train_mask=train, library_key="library_id")
+    model = si.models.RidgeRegressor().fit(adata, key, genes=d.genes, train_indices=train, library_key="library_id")
     return model.predict(adata[d.test]).mean
 
 

@@ -16,7 +16,7 @@ def test_choose_context_uses_training_sections_only_and_records_choice():
     X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X).copy()
     X[~train] = np.random.default_rng(0).permutation(X[~train])
     adata.X = X
-    res = si.tl.choose_spatial_context(adata, "X_noisy", candidates=[0, 250, (250, 450)], train_mask=train,
+    res = si.tl.choose_spatial_context(adata, "X_noisy", candidates=[0, 250, (250, 450)], train_indices=train,
                                        n_components=8, key_added="ctx")
     assert list(res["context"]) == ["0 µm", "250 µm", "250+450 µm"]
     assert {"pcc_S0", "pcc_S1", "pcc_S2"} <= set(res.columns) and "pcc_S3" not in res.columns
@@ -29,7 +29,7 @@ def test_choose_context_uses_training_sections_only_and_records_choice():
     assert p["selection"]["cv"] == "LeaveOneGroupOut"
     np.testing.assert_allclose(adata.obsm["ctx"], si.pp.spatial_context(before, "X_noisy", radius_um=p["radius_um"],
                                                                         inplace=False))
-    res2 = si.tl.choose_spatial_context(before, "X_noisy", candidates=[0, 250, (250, 450)], train_mask=train,
+    res2 = si.tl.choose_spatial_context(before, "X_noisy", candidates=[0, 250, (250, 450)], train_indices=train,
                                         n_components=8, inplace=False)
     np.testing.assert_allclose(res2["mean_pcc"], res["mean_pcc"])  # test-section counts played no part
     assert "X_noisy_context" not in before.obsm

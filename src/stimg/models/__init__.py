@@ -24,6 +24,10 @@ _LAZY: dict[str, str] = {
     "GeneEncoder": "._sc_prior",
     "ScviGeneEncoder": "._sc_prior",
     "PCAGeneEncoder": "._sc_prior",
+    # active annotation (issue 10)
+    "SpotClassifier": "._classifier",
+    # contrastive alignment and retrieval (issue 8)
+    "ContrastiveAligner": "._align",
 }
 
 __all__ = sorted(_LAZY)

@@ -8,8 +8,11 @@ from ._context import (
     spatial_context,
 )
 from ._embed import embed
+from ._embed_grid import embed_grid
 from ._genes import select_genes
+from ._integrate import integrate_expression
 from ._patches import extract_patches
+from ._pseudo_spots import pseudo_spots
 from ._stain import StainTransform, stain_normalize, stain_vectors
 from ._tile import tile_image
 from ._tissue import tissue_coverage, tissue_mask
@@ -20,8 +23,11 @@ __all__ = [
     "StainTransform",
     "combine_features",
     "embed",
+    "embed_grid",
     "extract_patches",
+    "integrate_expression",
     "list_context_methods",
+    "pseudo_spots",
     "register_context_method",
     "select_genes",
     "spatial_context",

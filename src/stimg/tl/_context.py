@@ -13,7 +13,7 @@ from .._constants import TABLE_KEY, TARGET_KEY
 from .._docs import d
 from .._logging import logger
 from .._spatial import get_table, library_column
-from .._validate import assert_key_in, check_nonempty, obs_mask
+from .._validate import assert_key_in, check_nonempty
 from ..metrics._spatial import quiet_loggers
 from ..pp._context import _radii, _resolve_method, _written_here, spatial_context
 
@@ -44,7 +44,7 @@ def choose_spatial_context(
     *,
     candidates: Sequence[float | Sequence[float]] = DEFAULT_CONTEXT_CANDIDATES,
     method: str = "concat",
-    train_mask: np.ndarray | str | None = None,
+    train_indices: np.ndarray | str | None = None,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
     n_components: int | None = 256,
@@ -60,7 +60,7 @@ def choose_spatial_context(
     :class:`~stimg.models.RidgeRegressor` (its own alpha chosen inside each fold) trained on all
     but one training section and tested on the held-out one (leave-one-section-out; grouped
     ``cv``-fold over more sections): the score is the mean over held-out sections of the mean PCC
-    over genes (:func:`stimg.metrics.pearson`, log1p counts). Spots outside ``train_mask`` are
+    over genes (:func:`stimg.metrics.pearson`, log1p counts). Spots outside ``train_indices`` are
     never used for choosing. The winner is written as :func:`stimg.pp.spatial_context` would.
 
     Parameters
@@ -74,9 +74,8 @@ def choose_spatial_context(
         ``'concat'``) always includes "no context", so the choice can be "none".
     method
         Aggregation of :func:`stimg.pp.spatial_context` (a name of :func:`~stimg.pp.list_context_methods`).
-    train_mask
-        Boolean array or ``.obs`` column of training spots (e.g. ``'si_split' == 'train'``);
-        ``None`` uses all. They must span at least two sections.
+    %(train_indices)s
+        They must span at least two sections.
     genes
         Target genes; ``None`` uses ``.var['si_target']`` (:func:`stimg.pp.select_genes` on the
         training sections).
@@ -111,6 +110,7 @@ def choose_spatial_context(
     """
     from ..metrics import pearson
     from ..models import RidgeRegressor
+    from ..models._base import resolve_train_indices
     from ..models._ridge import log1p_counts
 
     start = time.perf_counter()
@@ -129,8 +129,7 @@ def choose_spatial_context(
         genes = table.var_names[table.var[TARGET_KEY].to_numpy(bool)]
     genes = [str(g) for g in genes]
     check_nonempty(len(genes), "The target gene list", "Pass genes= or run si.pp.select_genes.")
-    mask = obs_mask(table, train_mask, "train_mask")
-    rows = np.flatnonzero(mask)
+    rows = resolve_train_indices(table, train_indices)
     lib_key, libs = library_column(table, library_key)
     groups = libs.to_numpy()[rows]
     n_groups = len(pd.unique(groups))
@@ -143,21 +142,22 @@ def choose_spatial_context(
     splitter = LeaveOneGroupOut() if n_groups <= cv else GroupKFold(n_splits=int(cv))
     folds = list(splitter.split(rows, groups=groups))
     y = log1p_counts(table, genes, layer, rows)
-    feats = {_label(c): spatial_context(data, embedding_key, radius_um=c, method=meth, table_key=table_key,
-                                        library_key=library_key, inplace=False)[rows] for c in cands}
     from anndata import AnnData
 
+    feats = {_label(c): spatial_context(data, embedding_key, radius_um=c, method=meth, table_key=table_key,
+                                        library_key=library_key, inplace=False)[rows] for c in cands}
+
     records = []
+    obs = pd.DataFrame({"section": groups}, index=[str(i) for i in range(rows.size)])
     for c in cands:
         lab = _label(c)
+        sub = AnnData(np.expm1(y).astype(np.float32), obs=obs, var=pd.DataFrame(index=genes), obsm={"f": feats[lab]})
         scores = {}
         for tr, va in folds:  # the inner fits stay quiet: one log line for the whole choice
-            sub = AnnData(np.expm1(y[tr]).astype(np.float32), var=pd.DataFrame(index=genes), obsm={"f": feats[lab][tr]},
-                          obs=pd.DataFrame({"section": groups[tr]}, index=[str(i) for i in range(len(tr))]))
             with quiet_loggers("stimg"):
-                model = RidgeRegressor(n_components=n_components, cv=cv).fit(sub, "f", genes=genes,
+                model = RidgeRegressor(n_components=n_components, cv=cv).fit(sub, "f", genes=genes, train_indices=tr,
                                                                              library_key="section")
-            pred = model.pipeline_.predict(feats[lab][va])
+                pred = model.predict(sub[va]).mean
             held = str(groups[va][0]) if len(pd.unique(groups[va])) == 1 else f"fold{len(scores)}"
             scores[held] = float(pearson(y[va], pred, groups=groups[va], var_names=genes).mean)
         vals = np.array(list(scores.values()))
