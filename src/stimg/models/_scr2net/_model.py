@@ -17,6 +17,7 @@ from ..._constants import TABLE_KEY, TARGET_KEY
 from ..._docs import d
 from ..._logging import logger
 from ..._prediction import ExpressionPrediction
+from ..._settings import settings
 from ..._spatial import get_table
 from ..._utils import progress_bar, resolve_device
 from ..._validate import assert_key_in, check_matrix, check_nonempty
@@ -28,6 +29,7 @@ from .._base import (
     resolve_train_indices,
     train_defaults,
 )
+from .._contrastive import l2_normalize
 from .._nb._model import _resolve_genes
 from .._ridge import log1p_counts
 from ._module import SCR2Module
@@ -180,6 +182,9 @@ class SCR2Net(ModelIO):
         Dropout of the regression MLP.
     n_proj
         Width of the projection space (paper's code: 256).
+    contrastive
+        Contrastive loss of the shared core: ``'clip'`` (symmetric InfoNCE with a learnable temperature
+        clamped to [0.01, 1]) or ``'siglip'``.
     %(table_key)s
     %(library_key)s
     patch_um
@@ -193,7 +198,9 @@ class SCR2Net(ModelIO):
     seed
         Seed of the weight initialisation.
     head_kwargs
-        Passed to the contrastive core's projection heads.
+        Passed to the core's ``ProjectionHead`` (default: hidden width ``n_proj``, dropout 0.1).
+    contrastive_kwargs
+        Passed to the contrastive loss (e.g. ``init_temperature``).
     encoder_kwargs
         Passed to :func:`stimg.encoders.get_encoder`.
 
@@ -239,6 +246,7 @@ class SCR2Net(ModelIO):
         n_hidden: int = 1024,
         dropout: float = 0.1,
         n_proj: int = 256,
+        contrastive: str = "clip",
         table_key: str = TABLE_KEY,
         library_key: str | None = None,
         patch_um: float = 112.0,
@@ -247,6 +255,7 @@ class SCR2Net(ModelIO):
         pretrained: bool = True,
         seed: int = 0,
         head_kwargs: dict | None = None,
+        contrastive_kwargs: dict | None = None,
         encoder_kwargs: dict | None = None,
     ) -> None:
         if (embedding_key is None) == (encoder is None):
@@ -289,7 +298,8 @@ class SCR2Net(ModelIO):
             "layer": layer, "top_k": int(top_k), "n_types": None if n_types is None else int(n_types),
             "sim_threshold": float(sim_threshold), "retrieval": bool(retrieval), "lambda_reg": float(lambda_reg),
             "lambda_pcc": float(lambda_pcc), "lambda_kd": float(lambda_kd), "lambda_con": float(lambda_con),
-            "n_hidden": int(n_hidden), "dropout": float(dropout), "n_proj": int(n_proj), "table_key": table_key,
+            "n_hidden": int(n_hidden), "dropout": float(dropout), "n_proj": int(n_proj), "contrastive": contrastive,
+            "contrastive_kwargs": contrastive_kwargs, "table_key": table_key,
             "library_key": library_key, "patch_um": float(patch_um), "patch_px": patch_px, "input_px": input_px,
             "seed": int(seed), "head_kwargs": head_kwargs, "encoder_kwargs": encoder_kwargs,
             "cell_types": cell_types if isinstance(cell_types, str) else None,
@@ -330,7 +340,8 @@ class SCR2Net(ModelIO):
     def _build_module(self, n_input: int, encoder: nn.Module | None) -> SCR2Module:
         p = self.params_
         return SCR2Module(n_input, len(self.genes_), n_hidden=p["n_hidden"], dropout=p["dropout"],
-                          retrieval=p["retrieval"], n_proj=p["n_proj"], encoder=encoder, head_kwargs=p["head_kwargs"])
+                          retrieval=p["retrieval"], n_proj=p["n_proj"], encoder=encoder, head_kwargs=p["head_kwargs"],
+                          contrastive=p["contrastive"], contrastive_kwargs=p["contrastive_kwargs"])
 
     def __repr__(self) -> str:
         p = self.params_
@@ -523,7 +534,7 @@ class SCR2Net(ModelIO):
         callbacks = list(trainer_kwargs.pop("callbacks", []))
         if early_stopping:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=int(early_stopping_patience), mode="min"))
-        trainer_kwargs.setdefault("enable_progress_bar", train_defaults_progress(progress))
+        trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else bool(progress))
         if not self.needs_images:
             precision = "32"  # a small MLP on features: full precision everywhere
         quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
@@ -537,7 +548,7 @@ class SCR2Net(ModelIO):
                 warnings.filterwarnings("ignore", message=".*treespec.*")
                 torch.manual_seed(td.seed)
                 trainer = pl.Trainer(
-                    accelerator=acc, devices=td.devices if td.devices != "auto" else 1, precision=precision,
+                    accelerator=acc, devices=td.devices, precision=precision,
                     max_epochs=max_epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
                     enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **trainer_kwargs)
                 trainer.fit(plan, **loaders)
@@ -658,11 +669,11 @@ class SCR2Net(ModelIO):
         check_embedding(table, self.provenance_)
         x, _, _ = self._inputs(adata, table, np.arange(table.n_obs))
         m = self.module.eval()
-        zi = torch.nn.functional.normalize(m.image_embedding(m.features(torch.from_numpy(x))), dim=-1).numpy()
+        zi = l2_normalize(m.image_embedding(m.features(torch.from_numpy(x)))).numpy()
         ze = None
         if pd.Index(self.genes_).isin(table.var_names).all():
             y = log1p_counts(table, self.genes_, self.params_["layer"]).astype(np.float32)
-            ze = torch.nn.functional.normalize(m.expression_embedding(torch.from_numpy(y)), dim=-1).numpy()
+            ze = l2_normalize(m.expression_embedding(torch.from_numpy(y))).numpy()
         return zi, ze
 
     # ------------------------------------------------------------------ persistence
@@ -712,9 +723,3 @@ class SCR2Net(ModelIO):
             model._refresh_cache_key()
         return model
 
-
-def train_defaults_progress(progress: bool | None) -> bool:
-    """``progress`` or :attr:`stimg.settings.progress`."""
-    from ..._settings import settings
-
-    return settings.progress if progress is None else bool(progress)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .._contrastive import l2_normalize
 from ._retrieval import retrieve
 
 
@@ -42,13 +42,20 @@ class SCR2Module(nn.Module):
     gene_mean, gene_std
         Mean and sd of the log1p targets: output bias initialisation and the expression head's input scaling.
     head_kwargs
-        Passed to the contrastive core's projection heads.
+        Passed to :class:`~stimg.models._contrastive.ProjectionHead` (default: hidden width ``n_proj``,
+        as the paper's heads, dropout 0.1).
+    contrastive
+        Registered contrastive loss of the core (``'clip'``: symmetric InfoNCE with a learnable,
+        clamped temperature; ``'siglip'``).
+    contrastive_kwargs
+        Passed to the loss (e.g. ``init_temperature``).
     """
 
     def __init__(self, n_input: int, n_genes: int, *, n_hidden: int = 1024, dropout: float = 0.1,
                  retrieval: bool = True, n_proj: int = 256, encoder: nn.Module | None = None,
                  feature_mean=None, feature_std=None, gene_mean=None, gene_std=None,
-                 head_kwargs: dict | None = None) -> None:
+                 head_kwargs: dict | None = None, contrastive: str = "clip",
+                 contrastive_kwargs: dict | None = None) -> None:
         super().__init__()
         as_t = lambda v, n, fill: torch.full((n,), fill) if v is None else torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
         self.register_buffer("feature_mean", as_t(feature_mean, n_input, 0.0))
@@ -63,12 +70,12 @@ class SCR2Module(nn.Module):
             self.regressor[-1].bias.copy_(self.gene_mean)
         self.retrieval = bool(retrieval)
         if self.retrieval:
-            from .._contrastive import ContrastiveLoss, ProjectionHead
+            from .._contrastive import ProjectionHead, make_loss
 
-            hk = dict(head_kwargs or {})
+            hk = {"n_hidden": n_proj, "dropout": 0.1, **(head_kwargs or {})}
             self.image_head = ProjectionHead(n_input, n_proj, **hk)
             self.expr_head = ProjectionHead(n_genes, n_proj, **hk)
-            self.contrastive = ContrastiveLoss()
+            self.contrastive = make_loss(contrastive, **(contrastive_kwargs or {}))
         # memory bank (training spots): log1p profiles, cell-type codes (−1: none), normalised keys
         self.register_buffer("bank_values", torch.zeros(0, n_genes))
         self.register_buffer("bank_types", torch.zeros(0, dtype=torch.long))
@@ -109,7 +116,7 @@ class SCR2Module(nn.Module):
             return
         was = self.expr_head.training
         self.expr_head.eval()
-        keys = [F.normalize(self.expression_embedding(self.bank_values[i:i + batch_size]), dim=-1)
+        keys = [l2_normalize(self.expression_embedding(self.bank_values[i:i + batch_size]))
                 for i in range(0, self.bank_values.shape[0], batch_size)]
         self.expr_head.train(was)
         self.bank_keys = torch.cat(keys)
@@ -123,7 +130,7 @@ class SCR2Module(nn.Module):
     def retrieve(self, f: torch.Tensor, *, k: int, n_types: int | None, threshold: float,
                  exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Soft labels ``(B, G)`` and confidence ``(B,)`` for standardised features ``f``."""
-        q = F.normalize(self.image_embedding(f), dim=-1)
+        q = l2_normalize(self.image_embedding(f))
         types = self.bank_types if self.has_types else None
         return retrieve(q, self.bank_keys, self.bank_values, types, k=k, n_types=n_types, threshold=threshold,
                         exclude=exclude)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._contrastive import clamp_scales_, l2_normalize
 from ._module import SCR2Module, pcc_loss
 from ._retrieval import retrieve
 
@@ -84,7 +85,7 @@ def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConf
                 if weights.kd > 0 and self.current_epoch >= kd_start_epoch:
                     with torch.no_grad():
                         types = self.module.bank_types if self.module.has_types else None
-                        y_ret, m = retrieve(F.normalize(zi.detach(), dim=-1), self.module.bank_keys,
+                        y_ret, m = retrieve(l2_normalize(zi.detach()), self.module.bank_keys,
                                             self.module.bank_values, types, k=config.k, n_types=config.n_types,
                                             threshold=config.threshold, exclude=pos)
                     kd = (m * (yhat - y_ret).pow(2).mean(1)).mean()
@@ -93,6 +94,9 @@ def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConf
                     loss = loss + weights.kd * kd
             self._acc("loss", loss, n)
             return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            clamp_scales_(self.module)  # keep the learnable temperature inside its clamp
 
         def validation_step(self, batch, batch_idx):
             x, y, _ = batch
