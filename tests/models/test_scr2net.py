@@ -82,7 +82,7 @@ def test_projection_heads_train_and_all_modes_predict(syn, accelerator):
             assert not torch.allclose(before[k], after[k]), k
     assert not torch.allclose(before["contrastive.scale.log_scale"], after["contrastive.scale.log_scale"])
     h = m.history_
-    assert {"train_reg", "train_con", "train_kd", "train_mask", "val_loss"} <= set(h.columns)
+    assert {"train_reg", "train_con", "train_kd", "train_mask", "val_reg", "val_ret"} <= set(h.columns)
     assert np.isnan(h["train_kd"].iloc[0]) and h["train_kd"].iloc[1:].notna().all()  # KD starts at epoch 1
     assert m.module.bank_values.shape[0] == len(m.train_indices_) and m.cell_type_names_
     preds = {mode: m.predict(syn, mode=mode).mean for mode in ("regression", "retrieval", "blend")}

@@ -18,6 +18,17 @@ def pcc_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> tor
     return 1.0 - r.mean()
 
 
+def robust_std(std: torch.Tensor, rel_floor: float = 0.1) -> torch.Tensor:
+    """Standard deviations floored at ``rel_floor`` × their median (and 1e-6).
+
+    A feature (or gene) almost constant on a small training set would otherwise blow up, after
+    standardisation, wherever it varies at prediction time (seen with 70 training spots).
+    """
+    std = std.float()
+    floor = max(1e-6, rel_floor * float(std.median())) if std.numel() else 1e-6
+    return std.clamp_min(floor)
+
+
 class SCR2Module(nn.Module):
     """Regression MLP and retrieval heads of SCR²Net, with the memory bank as buffers.
 
@@ -59,9 +70,9 @@ class SCR2Module(nn.Module):
         super().__init__()
         as_t = lambda v, n, fill: torch.full((n,), fill) if v is None else torch.as_tensor(v, dtype=torch.float32)  # noqa: E731
         self.register_buffer("feature_mean", as_t(feature_mean, n_input, 0.0))
-        self.register_buffer("feature_std", as_t(feature_std, n_input, 1.0).clamp_min(1e-6))
+        self.register_buffer("feature_std", robust_std(as_t(feature_std, n_input, 1.0)))
         self.register_buffer("gene_mean", as_t(gene_mean, n_genes, 0.0))
-        self.register_buffer("gene_std", as_t(gene_std, n_genes, 1.0).clamp_min(1e-6))
+        self.register_buffer("gene_std", robust_std(as_t(gene_std, n_genes, 1.0)))
         self.encoder = encoder
         self.regressor = nn.Sequential(nn.Linear(n_input, n_hidden), nn.ReLU(), nn.Dropout(dropout),
                                        nn.Linear(n_hidden, n_genes))

@@ -42,19 +42,56 @@ def regression_loss(yhat: torch.Tensor, y: torch.Tensor, w: LossWeights) -> torc
     return w.reg * F.mse_loss(yhat, y) + w.pcc * pcc_loss(yhat, y)
 
 
+_HEADS = ("image_head.", "expr_head.", "contrastive.")
+
+
+def selection_groups(module: SCR2Module) -> dict[str, tuple[str, ...]]:
+    """Which parameters are restored from which validation criterion at the end of training.
+
+    On frozen features the two paths are independent networks: the regression path keeps the
+    weights of its best validation regression loss, the retrieval heads those of their best
+    validation retrieval loss (they overfit at another pace). With a trainable encoder the heads
+    read its features, so everything is selected together on the sum of both losses.
+    """
+    if not module.retrieval:
+        return {"reg": ("",)}
+    if module.encoder is not None:
+        return {"reg+ret": ("",)}
+    return {"reg": ("",), "ret": _HEADS}
+
+
+def _belongs(name: str, prefixes: tuple[str, ...], heads_elsewhere: bool) -> bool:
+    if name.startswith("bank_"):
+        return False
+    if prefixes == ("",):
+        return not (heads_elsewhere and name.startswith(_HEADS))
+    return name.startswith(prefixes)
+
+
 def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConfig, lr: float, weight_decay: float,
-              optimizer: str, max_epochs: int, lr_min_ratio: float, augment, kd_start_epoch: int):
-    """The LightningModule that trains ``module`` (built lazily: Lightning is imported on first use)."""
+              optimizer: str, max_epochs: int, lr_min_ratio: float, augment, kd_start_epoch: int,
+              patience: int | None):
+    """The LightningModule that trains ``module`` (built lazily: Lightning is imported on first use).
+
+    With validation data, each group of :func:`selection_groups` keeps the weights of its best
+    validation epoch; training stops when no group has improved for ``patience`` epochs
+    (``None``: never early).
+    """
     import lightning.pytorch as pl
+
+    groups = selection_groups(module)
+    split = "ret" in groups
 
     class SCR2TrainingPlan(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.module = module
             self.history: list[dict[str, float]] = []
-            self.best, self.best_state = float("inf"), None
+            self.best = {g: float("inf") for g in groups}
+            self.best_epoch = {g: -1 for g in groups}
+            self.best_state: dict[str, dict[str, torch.Tensor]] = {}
             self._sums: dict[str, list[float]] = {}
-            self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._val: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
 
         # -------------------------------------------------------------- epochs
         def on_train_epoch_start(self):
@@ -98,31 +135,47 @@ def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConf
         def on_train_batch_end(self, outputs, batch, batch_idx):
             clamp_scales_(self.module)  # keep the learnable temperature inside its clamp
 
+        # -------------------------------------------------------------- validation and selection
+        def on_validation_epoch_start(self):
+            self.module.refresh_bank()  # keys of the heads as they are now
+
         def validation_step(self, batch, batch_idx):
             x, y, _ = batch
-            self._val.append((self.module.regress(self.module.features(x)).detach(), y))
+            f = self.module.features(x)
+            ret = None
+            if self.module.retrieval:
+                ret, _ = self.module.retrieve(f, k=config.k, n_types=config.n_types, threshold=config.threshold)
+            self._val.append((self.module.regress(f).detach(), ret, y))
 
         def on_validation_epoch_end(self):
             if not self._val:
                 return
-            yhat = torch.cat([v[0] for v in self._val])
-            y = torch.cat([v[1] for v in self._val])
+            cat = lambda i: torch.cat([v[i] for v in self._val])  # noqa: E731
+            y = cat(2)
+            vals = {"reg": float(regression_loss(cat(0), y, weights))}
+            if self.module.retrieval:
+                vals["ret"] = float(regression_loss(cat(1), y, weights))
+                vals["reg+ret"] = vals["reg"] + vals["ret"]
             self._val = []
-            val = float(regression_loss(yhat, y, weights))
-            self.log("val_loss", val)
-            self._sums["val_loss"] = [val, 1]
-            if val < self.best:
-                self.best = val
-                self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            for k, v in vals.items():
+                self._sums[f"val_{k}"] = [v, 1]
+            ep = int(self.current_epoch)
+            for g in groups:
+                if vals[g] < self.best[g]:
+                    self.best[g], self.best_epoch[g] = vals[g], ep
+                    self.best_state[g] = {k: v.detach().clone() for k, v in self.module.state_dict().items()
+                                          if _belongs(k, groups[g], split)}
+            if patience is not None and all(ep - e >= patience for e in self.best_epoch.values()):
+                self.trainer.should_stop = True
 
         def on_train_epoch_end(self):
             row = {"epoch": float(self.current_epoch)}
-            row.update({f"train_{k}" if k != "val_loss" else k: s / max(c, 1) for k, (s, c) in self._sums.items()})
+            row.update({k if k.startswith("val_") else f"train_{k}": s / max(c, 1) for k, (s, c) in self._sums.items()})
             self.history.append(row)
 
         def on_train_end(self):
-            if self.best_state is not None:
-                self.module.load_state_dict(self.best_state)
+            for state in self.best_state.values():
+                self.module.load_state_dict(state, strict=False)
             self.module.refresh_bank()
 
         def configure_optimizers(self):
