@@ -57,7 +57,11 @@ VARIANTS = {  # name: (SCR2Net kwargs, prediction modes); cell types from CELL_T
     "K=100, T=20": ({"top_k": 100, "n_types": 20}, ["regression", "blend"]),
     "full, nearest-cell types": ({"top_k": 50, "n_types": 10, "cell_types": "prior"}, ["regression", "blend"]),
     "K=10, T=3, nearest-cell types": ({"top_k": 10, "n_types": 3, "cell_types": "prior"}, ["regression", "blend"]),
+    # not in the paper: heads trained alone first, so the soft labels are informative when regression starts
+    "full + 10 heads-only warm-up epochs": ({"top_k": 50, "n_types": 10, "train": {"warmup_epochs": 10}},
+                                            ["regression", "blend", "retrieval"]),
 }
+DEFAULT_VARIANTS = [v for v in VARIANTS if "warm-up" not in v]
 PRIORS: dict = {}  # "prior": SingleCellPrior of the Wu et al. reference (celltype_minor, PCA encoder)
 
 
@@ -77,36 +81,37 @@ def kept_fraction(model, table) -> float:
 def scr2(adata, d, kw, seed, train_indices=None, train_data=None):
     data = adata if train_data is None else train_data
     kw = dict(kw)
-    types = kw.pop("cell_types", CELL_TYPES)
+    types, train_kw = kw.pop("cell_types", CELL_TYPES), kw.pop("train", {})
     model = si.models.SCR2Net(data, P.EMBED_KEY, genes=d.genes, cell_types=PRIORS.get(types, types), seed=seed, **kw)
     model.train(train_indices=d.train if train_indices is None else train_indices, accelerator="cpu", seed=seed,
-                progress=False)
+                progress=False, **train_kw)
     return model
 
 
-def part1(adata, folds, seeds, rows):
+def part1(adata, folds, seeds, rows, variants, baselines=True):
     t = time.perf_counter()
     PRIORS["prior"] = si.models.SingleCellPrior(si.datasets.her2st_sc_reference(), "celltype_minor",
                                                 encoder="pca").fit(adata.var_names)
     print(f"nearest-cell typing prior (PCA, celltype_minor) fitted in {time.perf_counter() - t:.0f} s", flush=True)
-    test_tables = {}
     for fold in folds:
         d = P.fold_data(adata, fold, n_genes=50)
         te = adata[d.test]
-        test_tables[fold.name] = te
-        t = time.perf_counter()
-        ridge = si.models.RidgeRegressor().fit(adata, P.EMBED_KEY, genes=d.genes, train_mask=np.isin(
-            np.arange(adata.n_obs), d.train), library_key="library_id")
-        rows.append({"part": "table2", "fold": fold.name, "kind": fold.kind, "method": "ridge", "mode": "-", "seed": 0,
-                     **P.score(d, ridge.predict(te).mean), "seconds": time.perf_counter() - t})
-        t = time.perf_counter()
-        ad_tr = adata[d.train].copy()
-        si.models.NBRegressor.setup_anndata(ad_tr, embedding_key=P.EMBED_KEY, genes=d.genes)
-        ens = si.models.NBEnsemble(ad_tr, n_members=5)
-        ens.train(accelerator="cpu", progress=False)
-        rows.append({"part": "table2", "fold": fold.name, "kind": fold.kind, "method": "NB ensemble", "mode": "-",
-                     "seed": 0, **P.score(d, ens.predict(te).mean), "seconds": time.perf_counter() - t})
-        for name, (kw, modes) in VARIANTS.items():
+        if baselines:
+            t = time.perf_counter()
+            train_mask = np.isin(np.arange(adata.n_obs), d.train)
+            ridge = si.models.RidgeRegressor().fit(adata, P.EMBED_KEY, genes=d.genes, train_mask=train_mask,
+                                                   library_key="library_id")
+            rows.append({"part": "table2", "fold": fold.name, "kind": fold.kind, "method": "ridge", "mode": "-",
+                         "seed": 0, **P.score(d, ridge.predict(te).mean), "seconds": time.perf_counter() - t})
+            t = time.perf_counter()
+            ad_tr = adata[d.train].copy()
+            si.models.NBRegressor.setup_anndata(ad_tr, embedding_key=P.EMBED_KEY, genes=d.genes)
+            ens = si.models.NBEnsemble(ad_tr, n_members=5)
+            ens.train(accelerator="cpu", progress=False)
+            rows.append({"part": "table2", "fold": fold.name, "kind": fold.kind, "method": "NB ensemble", "mode": "-",
+                         "seed": 0, **P.score(d, ens.predict(te).mean), "seconds": time.perf_counter() - t})
+        for name in variants:
+            kw, modes = VARIANTS[name]
             for seed in seeds:
                 t = time.perf_counter()
                 model = scr2(adata, d, kw, seed)
@@ -174,6 +179,9 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25])
     ap.add_argument("--folds", nargs="+", default=None, help="test sections (default: C2–C6 and A1)")
     ap.add_argument("--skip-budgets", action="store_true")
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="SCR²Net variants of part 1 (default: all but the warm-up experiment)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip ridge and the NB ensemble in part 1")
     ap.add_argument("--out", default=str(HERE / "results" / "scr2net_her2st"))
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -185,7 +193,7 @@ def main() -> None:
     folds = [f for f in P.FOLDS if a.folds is None or f.test in a.folds]
     rows: list[dict] = []
     t1 = time.perf_counter()
-    part1(adata, folds, a.seeds, rows)
+    part1(adata, folds, a.seeds, rows, a.variants or DEFAULT_VARIANTS, baselines=not a.no_baselines)
     t_part1 = time.perf_counter() - t1
     t2 = time.perf_counter()
     if not a.skip_budgets:

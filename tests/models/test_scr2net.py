@@ -194,3 +194,15 @@ def test_end_to_end_densenet_small_input():
     pred = si.tl.predict_expression(sdata, m, mode="blend", inplace=False)
     assert pred.mean.shape == (16, 5) and np.isfinite(pred.mean).all()
     assert m.needs_images
+
+
+def test_warmup_trains_heads_only(syn):
+    m = si.models.SCR2Net(syn, "X_synthetic", target_key=None, cell_types="cell_type")
+    m.train(max_epochs=1, accelerator="cpu", batch_size=32, validation_size=0, early_stopping=False, progress=False)
+    before = {k: v.clone() for k, v in m.module.state_dict().items()}
+    m.train(max_epochs=2, warmup_epochs=2, accelerator="cpu", batch_size=32, validation_size=0, early_stopping=False,
+            progress=False)
+    after = m.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("regressor."))
+    assert not torch.equal(before["image_head.net.0.weight"], after["image_head.net.0.weight"])
+    assert "train_reg" not in m.history_ and "train_kd" not in m.history_

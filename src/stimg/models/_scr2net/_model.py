@@ -218,6 +218,13 @@ class SCR2Net(ModelIO):
     train_indices_, validation_indices_
         Table rows used for fitting (the memory bank) and for early stopping.
 
+    Notes
+    -----
+    ``model.save(path)`` writes one safetensors file (weights, the memory bank and its cell types,
+    genes, embedding provenance; no pickle). ``SCR2Net.load(path)`` predicts without any data;
+    ``SCR2Net.load(path, data, encoder=..., cell_types=...)`` can be trained further (a custom
+    encoder module or cell types from a prior/array are not stored in the file).
+
     Examples
     --------
     >>> import stimg as si
@@ -423,6 +430,7 @@ class SCR2Net(ModelIO):
         early_stopping: bool = True,
         early_stopping_patience: int = 20,
         kd_start_epoch: int = 1,
+        warmup_epochs: int = 0,
         augment: bool = True,
         num_workers: int = 0,
         **trainer_kwargs: Any,
@@ -460,6 +468,10 @@ class SCR2Net(ModelIO):
             Patience in epochs.
         kd_start_epoch
             First epoch with the distillation loss (the bank keys of epoch 0 come from untrained heads).
+        warmup_epochs
+            Epochs that train only the projection heads (InfoNCE) before the regression path starts,
+            so that its soft labels are informative from its first step (``0``: joint from the start,
+            as the paper). Counted within ``max_epochs``.
         augment
             Random flips and 90° rotations of training patches (end to end only).
         num_workers
@@ -498,6 +510,10 @@ class SCR2Net(ModelIO):
         y_all = log1p_counts(table, self.genes_, p["layer"], rows).astype(np.float32)
         x_all, patches, items_all = self._inputs(self._data, table, rows)
         types_all, type_names = (None, [])
+        if p["retrieval"] and self._cell_types_arg is None and self.cell_type_names_:
+            msg = ("This model was trained with cell types from a SingleCellPrior or an array, which a model file does "
+                   "not hold; load it with SCR2Net.load(path, data, cell_types=...) to train it further.")
+            raise ValueError(msg)
         if p["retrieval"] and self._cell_types_arg is not None:
             types_all, type_names = _cell_types(table, self._cell_types_arg, rows, p["layer"])
         # split: validation spots are held out of the bank and of the gradient
@@ -533,7 +549,7 @@ class SCR2Net(ModelIO):
         plan = make_plan(self.module, weights=self.loss_weights, config=self.retrieval_config, lr=float(lr),
                          weight_decay=float(weight_decay), optimizer=optimizer, max_epochs=max_epochs,
                          lr_min_ratio=float(lr_min_ratio), augment=_augment if augment else None,
-                         kd_start_epoch=int(kd_start_epoch),
+                         kd_start_epoch=int(kd_start_epoch), warmup_epochs=int(warmup_epochs),
                          patience=int(early_stopping_patience) if early_stopping else None)
         callbacks = list(trainer_kwargs.pop("callbacks", []))
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else bool(progress))
@@ -697,7 +713,7 @@ class SCR2Net(ModelIO):
 
     @classmethod
     def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: Any = None, *,
-                    encoder: nn.Module | None = None, **kwargs: Any) -> SCR2Net:
+                    encoder: nn.Module | None = None, cell_types: Any = None, **kwargs: Any) -> SCR2Net:
         p = dict(header["params"])
         needs_images = bool(header["needs_images"])
         if needs_images and p["encoder"] is None and encoder is None:
@@ -705,7 +721,7 @@ class SCR2Net(ModelIO):
             raise ValueError(msg)
         model = cls.__new__(cls)
         model.params_, model.genes_ = p, list(header["genes"])
-        model._data, model._cell_types_arg = adata, p.get("cell_types")
+        model._data, model._cell_types_arg = adata, p.get("cell_types") if cell_types is None else cell_types
         model.provenance_, model.needs_images = header["provenance"], needs_images
         enc = None
         if needs_images:

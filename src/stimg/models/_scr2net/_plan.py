@@ -70,12 +70,13 @@ def _belongs(name: str, prefixes: tuple[str, ...], heads_elsewhere: bool) -> boo
 
 def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConfig, lr: float, weight_decay: float,
               optimizer: str, max_epochs: int, lr_min_ratio: float, augment, kd_start_epoch: int,
-              patience: int | None):
+              patience: int | None, warmup_epochs: int = 0):
     """The LightningModule that trains ``module`` (built lazily: Lightning is imported on first use).
 
     With validation data, each group of :func:`selection_groups` keeps the weights of its best
     validation epoch; training stops when no group has improved for ``patience`` epochs
-    (``None``: never early).
+    (``None``: never early). During the first ``warmup_epochs`` only the projection heads train
+    (InfoNCE); the regression path starts afterwards, with the distillation term from its first epoch.
     """
     import lightning.pytorch as pl
 
@@ -107,11 +108,17 @@ def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConf
             x, y, pos = batch
             if augment is not None and self.module.encoder is not None:
                 x = augment(x)
-            f = self.module.features(x)
-            yhat = self.module.regress(f)
             n = y.shape[0]
-            loss = regression_loss(yhat, y, weights)
-            self._acc("reg", loss, n)
+            warm = self.current_epoch < warmup_epochs
+            if warm:  # heads only: no gradient reaches the regression path (or the encoder)
+                with torch.no_grad():
+                    f = self.module.features(x)
+                yhat, loss = None, torch.zeros((), device=y.device)
+            else:
+                f = self.module.features(x)
+                yhat = self.module.regress(f)
+                loss = regression_loss(yhat, y, weights)
+                self._acc("reg", loss, n)
             if self.module.retrieval:
                 fd = f.detach()  # the contrastive loss trains the heads, not the regression features
                 zi = self.module.image_embedding(fd)
@@ -119,7 +126,7 @@ def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConf
                 con = self.module.contrastive(zi, ze)
                 self._acc("con", con, n)
                 loss = loss + weights.con * con
-                if weights.kd > 0 and self.current_epoch >= kd_start_epoch:
+                if not warm and weights.kd > 0 and self.current_epoch >= max(kd_start_epoch, warmup_epochs):
                     with torch.no_grad():
                         types = self.module.bank_types if self.module.has_types else None
                         y_ret, m = retrieve(l2_normalize(zi.detach()), self.module.bank_keys,
@@ -161,11 +168,14 @@ def make_plan(module: SCR2Module, *, weights: LossWeights, config: RetrievalConf
                 self._sums[f"val_{k}"] = [v, 1]
             ep = int(self.current_epoch)
             for g in groups:
+                if g != "ret" and ep < warmup_epochs:
+                    continue  # the regression path has not started
                 if vals[g] < self.best[g]:
                     self.best[g], self.best_epoch[g] = vals[g], ep
                     self.best_state[g] = {k: v.detach().clone() for k, v in self.module.state_dict().items()
                                           if _belongs(k, groups[g], split)}
-            if patience is not None and all(ep - e >= patience for e in self.best_epoch.values()):
+            if patience is not None and all(ep - max(e, warmup_epochs - 1) >= patience
+                                            for e in self.best_epoch.values()):
                 self.trainer.should_stop = True
 
         def on_train_epoch_end(self):
