@@ -26,6 +26,10 @@ _LAZY: dict[str, str] = {
     "PCAGeneEncoder": "._sc_prior",
     # SCR²Net: regression + retrieval with majority cell-type filtering (issue 9)
     "SCR2Net": "._scr2net",
+    # active annotation (issue 10)
+    "SpotClassifier": "._classifier",
+    # contrastive alignment and retrieval (issue 8)
+    "ContrastiveAligner": "._align",
 }
 
 __all__ = sorted(_LAZY)

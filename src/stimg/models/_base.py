@@ -102,7 +102,8 @@ def resolve_train_indices(adata: Any, train_indices: Any, *, name: str = "train_
 def check_trained(model: Any, what: str = "predict") -> None:
     """Raise a :class:`RuntimeError` when ``model.is_trained_`` is false."""
     if not getattr(model, "is_trained_", False):
-        msg = f"{type(model).__name__} is not trained; call .train() (or load a saved model) before {what}."
+        how = ".fit(...)" if hasattr(model, "fit") and not hasattr(model, "train") else ".train()"
+        msg = f"{type(model).__name__} is not trained; call {how} (or load a saved model) before {what}."
         raise RuntimeError(msg)
 
 
@@ -236,8 +237,12 @@ def read_model_file(path: str | os.PathLike, *, model_class: str | None = None
         msg = f"model file {str(path)!r} not found."
         raise FileNotFoundError(msg)
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head = fh.read(9)
+    # a safetensors file starts with its header length (u64, little endian) and then '{'; that length's
+    # first byte may well be 0x80, so recognise safetensors before looking for pickle's magic byte
+    n_header = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    looks_safetensors = head[8:9] == b"{" and 0 < n_header <= path.stat().st_size - 8
+    if not looks_safetensors and head.startswith(_PICKLE_MAGIC):
         msg = (f"{str(path)!r} is a pickle/torch.save/joblib file, not a stimg model file; stimg never unpickles "
                "files (that could run code). Re-save the model with this stimg version's .save().")
         raise ValueError(msg)

@@ -2,6 +2,19 @@
 
 from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
+from ._align import align, retrieve
+from ._annotate import AnnotationRound, annotate, annotation_summary, predict_annotation, simulate_annotation
+from ._annotation_rules import (
+    AnnotationRule,
+    RandomRule,
+    SelectionContext,
+    UncertaintyRule,
+    annotation_rules,
+    entropy,
+    least_confidence,
+    margin,
+    register_annotation_rule,
+)
 from ._classify import classify_expression
 from ._evaluate import evaluate
 from ._predict import predict_expression
@@ -9,12 +22,28 @@ from ._simulate import simulate_sampling
 from ._split import check_split_leakage, split_by_patient
 
 __all__ = [
+    "AnnotationRound",
+    "AnnotationRule",
     "ExpressionPrediction",
+    "RandomRule",
+    "SelectionContext",
+    "UncertaintyRule",
     "active_sample",
+    "align",
+    "annotate",
+    "annotation_rules",
+    "annotation_summary",
     "check_split_leakage",
     "classify_expression",
+    "entropy",
     "evaluate",
+    "least_confidence",
+    "margin",
+    "predict_annotation",
     "predict_expression",
+    "register_annotation_rule",
+    "retrieve",
+    "simulate_annotation",
     "simulate_sampling",
     "split_by_patient",
 ]
