@@ -206,3 +206,27 @@ def test_warmup_trains_heads_only(syn):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("regressor."))
     assert not torch.equal(before["image_head.net.0.weight"], after["image_head.net.0.weight"])
     assert "train_reg" not in m.history_ and "train_kd" not in m.history_
+
+
+def test_contract_seed_provenance_and_foreign_files(syn, tmp_path, monkeypatch):
+    import inspect
+    import pickle
+
+    monkeypatch.setattr(si.settings, "seed", 7)
+    syn.uns["X_synthetic"] = {"params": {"encoder": "synthetic", "patch_um": 112.0, "patch_px": 224}}
+    m = si.models.SCR2Net(syn, "X_synthetic", target_key=None)
+    assert m.params_["seed"] == 7
+    params = inspect.signature(si.models.SCR2Net.train).parameters
+    assert list(params)[1:7] == ["max_epochs", "train_indices", "accelerator", "devices", "seed", "progress"]
+    m.train(max_epochs=1, accelerator="cpu", batch_size=32, progress=False)
+    loaded = si.models.SCR2Net.load(m.save(tmp_path / "m.stimg"))
+    new = si.datasets.synthetic(30, 3, image=False, as_anndata=True, seed=9)  # other genes: only features matter
+    new.uns["X_synthetic"] = {"params": {"encoder": "synthetic", "patch_um": 112.0, "patch_px": 224}}
+    assert loaded.predict(new, mode="blend").mean.shape == (30, syn.n_vars)
+    new.uns["X_synthetic"]["params"]["encoder"] = "uni"
+    with pytest.raises(ValueError, match="encoder='uni'"):
+        loaded.predict(new)
+    evil = tmp_path / "evil.stimg"
+    evil.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ValueError, match="never unpickles"):
+        si.models.SCR2Net.load(evil)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +28,8 @@ from .._base import (
     train_defaults,
 )
 from .._contrastive import l2_normalize
-from .._nb._model import _resolve_genes
+from .._nb._data import resolve_genes
+from .._nb._training import quiet_lightning, split_train_validation
 from .._ridge import log1p_counts
 from ._module import SCR2Module, robust_std
 from ._plan import OPTIMIZERS, LossWeights, RetrievalConfig, history_frame, make_plan
@@ -196,7 +195,8 @@ class SCR2Net(ModelIO):
     pretrained
         Start the encoder from its pretrained weights (``False``: random weights).
     seed
-        Seed of the weight initialisation.
+        Seed of the weight initialisation and default seed of :meth:`train`; ``None`` uses
+        :attr:`stimg.settings.seed`.
     head_kwargs
         Passed to the core's ``ProjectionHead`` (default: hidden width ``n_proj``, dropout 0.1).
     contrastive_kwargs
@@ -262,7 +262,7 @@ class SCR2Net(ModelIO):
         patch_px: int | None = None,
         input_px: int | None = None,
         pretrained: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         head_kwargs: dict | None = None,
         contrastive_kwargs: dict | None = None,
         encoder_kwargs: dict | None = None,
@@ -285,8 +285,9 @@ class SCR2Net(ModelIO):
             if not np.isfinite(v) or v < 0:
                 msg = f"{name} must be a finite number ≥ 0, got {v!r}."
                 raise ValueError(msg)
+        seed = int(settings.seed if seed is None else seed)
         table = get_table(data, table_key)
-        genes_ = _resolve_genes(table, target_key, genes, require_key=True)
+        genes_ = resolve_genes(table, target_key, genes, require_key=True)
         if encoder is None:
             assert_key_in(table.obsm, embedding_key, where="adata.obsm",
                           hint="Compute image features first with si.pp.embed, or pass encoder= to train end to end.")
@@ -443,7 +444,8 @@ class SCR2Net(ModelIO):
         %(train_indices)s
         %(accelerator)s
         %(devices)s
-        %(seed)s
+        seed
+            Seed of the validation split, minibatch order and augmentation; ``None`` uses the model's ``seed``.
         %(progress)s
         batch_size
             Spots per step (paper: 256); also the InfoNCE negatives.
@@ -485,9 +487,9 @@ class SCR2Net(ModelIO):
         >>> model.history_.tail()  # doctest: +SKIP
         """
         import lightning.pytorch as pl
-        from lightning.fabric.utilities.warnings import PossibleUserWarning
 
-        from .._nb._finetune import _augment, _trainer_accelerator
+        from .._nb._finetune import _trainer_accelerator
+        from .._nb._finetune_module import augment as dihedral_augment
 
         if self._data is None:
             msg = "This SCR2Net was loaded without its training data; load it with SCR2Net.load(path, data) to train."
@@ -500,10 +502,7 @@ class SCR2Net(ModelIO):
         if optimizer not in OPTIMIZERS:
             msg = f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}."
             raise ValueError(msg)
-        if not 0 <= validation_size < 1:
-            msg = f"validation_size must be in [0, 1), got {validation_size!r}."
-            raise ValueError(msg)
-        td = train_defaults(accelerator, devices, seed)
+        td = train_defaults(accelerator, devices, self.params_["seed"] if seed is None else seed)
         p = self.params_
         table = get_table(self._data, p["table_key"])
         rows = resolve_train_indices(table, train_indices)
@@ -516,15 +515,8 @@ class SCR2Net(ModelIO):
             raise ValueError(msg)
         if p["retrieval"] and self._cell_types_arg is not None:
             types_all, type_names = _cell_types(table, self._cell_types_arg, rows, p["layer"])
-        # split: validation spots are held out of the bank and of the gradient
-        perm = np.random.default_rng(td.seed).permutation(rows.size)
-        n_val = int(round(validation_size * rows.size))
-        if early_stopping and validation_size > 0:
-            n_val = max(1, n_val)
-        if early_stopping and n_val == 0:
-            msg = "early_stopping needs validation spots: set validation_size > 0 or early_stopping=False."
-            raise ValueError(msg)
-        fit, val = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+        # positions in rows; validation spots are held out of the bank and of the gradient
+        fit, val = split_train_validation(np.arange(rows.size), validation_size, early_stopping, td.seed)
         if fit.size < 2:
             msg = f"SCR2Net needs at least 2 training spots after the validation split, got {fit.size}."
             raise ValueError(msg)
@@ -548,22 +540,15 @@ class SCR2Net(ModelIO):
                 collate_fn=_Spots.collate, num_workers=num_workers)
         plan = make_plan(self.module, weights=self.loss_weights, config=self.retrieval_config, lr=float(lr),
                          weight_decay=float(weight_decay), optimizer=optimizer, max_epochs=max_epochs,
-                         lr_min_ratio=float(lr_min_ratio), augment=_augment if augment else None,
+                         lr_min_ratio=float(lr_min_ratio), augment=dihedral_augment if augment else None,
                          kd_start_epoch=int(kd_start_epoch), warmup_epochs=int(warmup_epochs),
                          patience=int(early_stopping_patience) if early_stopping else None)
         callbacks = list(trainer_kwargs.pop("callbacks", []))
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else bool(progress))
         if not self.needs_images:
             precision = "32"  # a small MLP on features: full precision everywhere
-        quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-        old = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.WARNING)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=PossibleUserWarning)
-                warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-                warnings.filterwarnings("ignore", message=".*treespec.*")
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), quiet_lightning():
                 torch.manual_seed(td.seed)
                 trainer = pl.Trainer(
                     accelerator=acc, devices=td.devices, precision=precision,
@@ -571,8 +556,6 @@ class SCR2Net(ModelIO):
                     enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1, **trainer_kwargs)
                 trainer.fit(plan, **loaders)
         finally:
-            for lg, lv in zip(quiet, old, strict=True):
-                lg.setLevel(lv)
             self.module.cpu()
         self.module.eval()
         self.module.refresh_bank()
