@@ -99,7 +99,7 @@ def part1(adata, folds, seeds, rows, variants, baselines=True):
         if baselines:
             t = time.perf_counter()
             train_mask = np.isin(np.arange(adata.n_obs), d.train)
-            ridge = si.models.RidgeRegressor().fit(adata, P.EMBED_KEY, genes=d.genes, train_mask=train_mask,
+            ridge = si.models.RidgeRegressor().fit(adata, P.EMBED_KEY, genes=d.genes, train_indices=train_mask,
                                                    library_key="library_id")
             rows.append({"part": "table2", "fold": fold.name, "kind": fold.kind, "method": "ridge", "mode": "-",
                          "seed": 0, **P.score(d, ridge.predict(te).mean), "seconds": time.perf_counter() - t})
@@ -146,7 +146,7 @@ def part2(adata, folds, seeds, budgets, rows):
                     base = {"part": "budget", "fold": fold.name, "kind": fold.kind, "sampler": method,
                             "budget": budget, "seed": seed, "n_train": int(pool.obs["si_sampled"].sum()),
                             "sample_seconds": t_sample}
-                    ridge = si.models.RidgeRegressor().fit(pool, P.EMBED_KEY, genes=d.genes, train_mask="si_sampled",
+                    ridge = si.models.RidgeRegressor().fit(pool, P.EMBED_KEY, genes=d.genes, train_indices="si_sampled",
                                                            library_key="library_id")
                     rows.append({**base, "method": "ridge", "mode": "-", **P.score(d, ridge.predict(te).mean)})
                     for name in ("regression only", "full SCR²Net (K=50, T=10)"):
