@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "GeneEncoder": "._sc_prior",
     "ScviGeneEncoder": "._sc_prior",
     "PCAGeneEncoder": "._sc_prior",
+    # SCR²Net: regression + retrieval with majority cell-type filtering (issue 9)
+    "SCR2Net": "._scr2net",
     # active annotation (issue 10)
     "SpotClassifier": "._classifier",
     # contrastive alignment and retrieval (issue 8)
