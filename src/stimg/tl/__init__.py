@@ -4,6 +4,7 @@ from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample
 from ._classify import classify_expression
 from ._evaluate import evaluate
+from ._explain import explain
 from ._predict import predict_expression
 from ._simulate import simulate_sampling
 from ._split import check_split_leakage, split_by_patient
@@ -14,6 +15,7 @@ __all__ = [
     "check_split_leakage",
     "classify_expression",
     "evaluate",
+    "explain",
     "predict_expression",
     "simulate_sampling",
     "split_by_patient",
