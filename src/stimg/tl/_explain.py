@@ -297,7 +297,7 @@ def explain(
     bs = int(settings.batch_size if batch_size is None else batch_size)
 
     from ..pp import extract_patches
-    from ._explain_engine import EXPLAINERS, build_predictor, deletion_check
+    from ._explain_engine import EXPLAINERS, FrozenFeaturePredictor, build_predictor, deletion_check
 
     pred = build_predictor(model, table, embedding_key=embedding_key, encoder=encoder, stain=stain,
                            patch_um=patch_um, patch_px=patch_px, batch_size=bs, accelerator=accelerator, amp=amp,
@@ -338,6 +338,7 @@ def explain(
             hide = _hide_color(patch, lab, hide_color)
             x0, y0, w = ds.window(i)
             k, g = int(lab.max()), len(cols)
+            pred.last_features = None
             if k == 0:
                 warn(f"no nuclei found in the patch of {name!r}; it gets no scores.")
                 res = None
@@ -349,6 +350,8 @@ def explain(
             check = (deletion_check(pred, patch, lab, hide, cols, res.scores, top=float(deletion_top),
                                     n_random=int(n_random), seed=seed + pos)
                      if res is not None and deletion_top is not None else {})
+            if getattr(pred, "last_features", None) is None and isinstance(pred, FrozenFeaturePredictor):
+                pred.predict(_single(patch))  # the feature check needs the unperturbed patch's features
             idx = [f"{name}:{j}" for j in range(1, k + 1)]
             m = morph.reset_index(drop=True)
             m.insert(0, "label", np.arange(1, k + 1))
@@ -363,7 +366,7 @@ def explain(
             spot_rows.append({"spot": name, "library_id": str(lib_values.iloc[r]), "x0": x0, "y0": y0,
                               "window_px": w, "mpp": mpp, "n_nuclei": k, "hide_r": int(hide[0]),
                               "hide_g": int(hide[1]), "hide_b": int(hide[2]),
-                              "feature_cosine": pred.feature_check(patch, int(r))})
+                              "feature_cosine": pred.feature_check(int(r))})
             for j, gname in enumerate(gene_list):
                 summary.append({"spot": name, "gene": gname, "prediction": float(yhat[j]),
                                 "intercept": float(res.intercept[j]) if res is not None else np.nan,

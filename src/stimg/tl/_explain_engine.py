@@ -34,26 +34,29 @@ class PerturbedPatches(Dataset):
     """Copies of one patch with some nuclei replaced by a background colour.
 
     Item ``i`` keeps nucleus ``k`` (label ``k + 1``) where ``z[i, k] == 1`` and hides it otherwise;
-    pixels outside nuclei are never changed. Items are uint8 ``(3, H, W)`` tensors, built on the
-    fly (nothing is stored per item).
+    pixels outside nuclei are never changed. Items are uint8 ``(3, H, W)`` tensors built on the
+    fly, a whole batch at a time (``__getitems__``), so nothing is stored per item.
     """
 
     def __init__(self, patch: np.ndarray, labels: np.ndarray, hide: np.ndarray, z: np.ndarray) -> None:
-        self.labels = np.asarray(labels)
-        self.z = np.asarray(z, dtype=bool)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.keep = torch.from_numpy(np.concatenate([np.ones((len(z), 1), bool), np.asarray(z, dtype=bool)], 1))
         self.base = torch.from_numpy(np.ascontiguousarray(np.moveaxis(patch, -1, 0)))
         self.hidden = hidden_patch(patch, labels, hide, as_tensor=True)
 
     def __len__(self) -> int:
-        return len(self.z)
+        return len(self.keep)
+
+    def __getitems__(self, idx: list[int]) -> torch.Tensor:
+        keep = self.keep[torch.as_tensor(idx)][:, self.labels]  # (B, H, W): one gather per batch
+        return torch.where(keep[:, None], self.base[None], self.hidden[None])
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        keep = np.concatenate([[True], self.z[int(i)]])[self.labels]
-        return torch.where(torch.from_numpy(keep), self.base, self.hidden)
+        return self.__getitems__([int(i)])[0]
 
     @staticmethod
-    def collate(items: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(items)
+    def collate(items) -> torch.Tensor:
+        return items if isinstance(items, torch.Tensor) else torch.stack(list(items))
 
 
 def hidden_patch(patch: np.ndarray, labels: np.ndarray, hide: np.ndarray, *, as_tensor: bool = False):
@@ -90,8 +93,11 @@ class Predictor:
                f"(registered in stimg.tl._explain_engine.TORCH_HEADS: {sorted(TORCH_HEADS)}).")
         raise TypeError(msg)
 
-    def feature_check(self, patch: np.ndarray, row: int) -> float:
-        """Cosine between the recomputed and the stored features of the unperturbed patch (NaN: not applicable)."""
+    def feature_check(self, row: int) -> float:
+        """Cosine between the recomputed features of the unperturbed patch and the stored ones (NaN: not applicable).
+
+        Reads the first item of the last :meth:`predict` call, which every explainer keeps unperturbed.
+        """
         return float("nan")
 
     def close(self) -> None:
@@ -234,13 +240,16 @@ class FrozenFeaturePredictor(Predictor):
         return out
 
     def predict(self, ds: Dataset) -> np.ndarray:
-        return np.asarray(self._predict_features(self._features(ds)).mean, dtype=np.float64)
-
-    def feature_check(self, patch: np.ndarray, row: int) -> float:
-        ds = PerturbedPatches(patch, np.zeros(patch.shape[:2], np.int64), np.zeros(3, np.uint8), np.ones((1, 0)))
         feats = self._features(ds)
+        self.last_features = {k: f[:1] for k, f in feats.items()}
+        return np.asarray(self._predict_features(feats).mean, dtype=np.float64)
+
+    def feature_check(self, row: int) -> float:
+        last = getattr(self, "last_features", None)
+        if not last:
+            return float("nan")
         cos = []
-        for k, f in feats.items():
+        for k, f in last.items():
             a, b = f[0].astype(np.float64), np.asarray(self.table.obsm[k][row], dtype=np.float64)
             cos.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)))
         return min(cos)
