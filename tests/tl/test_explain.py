@@ -255,6 +255,7 @@ def c2(c2_sdata):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_masking_top_nuclei_changes_prediction_more_than_random_equal_area(c2):
     """Faithfulness on 20 real patches: hiding the top-scored nuclei moves the ridge prediction more than
     hiding random nuclei of the same total area (mean over patches, both genes).
@@ -281,6 +282,7 @@ def test_masking_top_nuclei_changes_prediction_more_than_random_equal_area(c2):
 
 
 @pytest.mark.real
+@pytest.mark.slow
 def test_nb_ensemble_explanations_real(c2):
     """The NB ensemble explained through the encoder of its embedding provenance (rebuilt from .uns)."""
     si.pp.embed(c2, progress=False)  # EfficientNet-Lite0, 112 µm → 224 px
@@ -297,7 +299,8 @@ def test_nb_ensemble_explanations_real(c2):
     direct = ens.predict(table[spots]).mean
     got = res["summary"].pivot(index="spot", columns="gene", values="prediction").loc[spots, genes].to_numpy()
     np.testing.assert_allclose(got, direct, rtol=1e-3)
-    assert res["nuclei"]["area_um2"].between(5, 500).all()
+    area = res["nuclei"]["area_um2"]
+    assert area.min() >= 9.9 and 15 < area.median() < 80  # µm², measured at full resolution
     assert len(c2.shapes["si_explain_C2"]) == len(res["nuclei"])
     ig = si.tl.explain(c2, ens, genes=["ERBB2"], spots=spots[:1], method="integrated_gradients", n_steps=4,
                        inplace=False, progress=False)

@@ -141,8 +141,8 @@ def explain(
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         fig.colorbar(sm, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
         if pixel_map:
-            pm = np.asarray(res["pixel_maps"][pos, params["genes"].index(g)])
-            m = float(np.abs(pm).max()) or 1.0
+            pm = np.asarray(res["pixel_maps"][pos, all_genes.index(g)])
+            m = float(np.percentile(np.abs(pm), 99.5)) or float(np.abs(pm).max()) or 1.0  # a few pixels dominate
             pax = axs[1, j + 1]
             kw = {"cmap": cmap, "vmin": -m, "vmax": m} if pm.min() < 0 else {"cmap": "magma", "vmin": 0, "vmax": m}
             pax.imshow(pm, **kw)
