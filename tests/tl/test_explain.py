@@ -208,6 +208,12 @@ def test_any_feature_model_and_anndata_input(synth):
     assert (res["spots"]["feature_cosine"] > 0.999).all()
     axs = si.pl.explain(adata, spots[1])
     assert axs.shape == (1, 4)
+    # tiles of a slide without spots (si.pp.tile_image) are explained the same way
+    img = np.moveaxis(np.asarray(sdata0.images["S0_full_image"].data), 0, -1)
+    tiles = si.pp.tile_image(img, 32, mpp=1.0, min_tissue=0.0)
+    si.pp.embed(tiles, enc, patch_um=32, patch_px=32, progress=False, key_added="X_tiny")
+    out = si.tl.explain(tiles, ridge, spots=[0], inplace=False, **_kw(enc))
+    assert len(out["summary"]) == 3 and (out["spots"]["feature_cosine"] > 0.999).all()
 
 
 def test_gradient_explainers_ridge_head(synth):
