@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .._docs import d
+
 _MODELS: dict[tuple, Any] = {}  # built models, reused across patches
 
 
@@ -29,6 +31,7 @@ def _haematoxylin_u8(image: np.ndarray) -> np.ndarray:
     return rescale_intensity(h, in_range=(lo, max(hi, lo + 1e-6)), out_range=(0, 255)).astype(np.uint8)
 
 
+@d.dedent
 def cellpose(image: np.ndarray, *, mpp: float, diameter_um: float = 8.0, gpu: bool = False,
              model_type: str = "nuclei", **eval_kwargs: Any) -> np.ndarray:
     """Nuclei by Cellpose on the haematoxylin channel (as the STImage paper describes).
@@ -39,10 +42,7 @@ def cellpose(image: np.ndarray, *, mpp: float, diameter_um: float = 8.0, gpu: bo
 
     Parameters
     ----------
-    image
-        ``(H, W, 3)`` uint8 RGB patch.
-    mpp
-        µm per pixel.
+    %(seg_image_mpp)s
     diameter_um
         Typical nucleus diameter, µm.
     gpu
@@ -54,7 +54,7 @@ def cellpose(image: np.ndarray, *, mpp: float, diameter_um: float = 8.0, gpu: bo
 
     Returns
     -------
-    ``(H, W)`` int32 labels.
+    %(seg_labels)s
 
     Examples
     --------
@@ -74,6 +74,7 @@ def cellpose(image: np.ndarray, *, mpp: float, diameter_um: float = 8.0, gpu: bo
     return np.asarray(out[0], dtype=np.int32)
 
 
+@d.dedent
 def stardist(image: np.ndarray, *, mpp: float, model_mpp: float = 0.25, model: str = "2D_versatile_he",
              **predict_kwargs: Any) -> np.ndarray:
     """Nuclei by StarDist's pretrained H&E model.
@@ -84,10 +85,7 @@ def stardist(image: np.ndarray, *, mpp: float, model_mpp: float = 0.25, model: s
 
     Parameters
     ----------
-    image
-        ``(H, W, 3)`` uint8 RGB patch.
-    mpp
-        µm per pixel.
+    %(seg_image_mpp)s
     model_mpp
         µm per pixel of the model's training images.
     model
@@ -97,7 +95,7 @@ def stardist(image: np.ndarray, *, mpp: float, model_mpp: float = 0.25, model: s
 
     Returns
     -------
-    ``(H, W)`` int32 labels.
+    %(seg_labels)s
 
     Examples
     --------

@@ -8,7 +8,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .._docs import d
+
 SEGMENTERS: dict[str, Callable[..., np.ndarray]] = {}
+
+# shared parameter fragments of the segmenter functions
+d.params.update(
+    seg_image_mpp="""image
+    ``(H, W, 3)`` uint8 RGB patch.
+mpp
+    µm per pixel.""",
+    seg_labels="""``(H, W)`` int32 labels: ``0`` background, one positive id per nucleus.""",
+)
 
 
 def register_segmenter(name: str, fn: Callable[..., np.ndarray], *, overwrite: bool = False) -> None:

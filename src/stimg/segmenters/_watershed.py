@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._docs import d
 
+
+@d.dedent
 def watershed(
     image: np.ndarray,
     *,
@@ -26,10 +29,7 @@ def watershed(
 
     Parameters
     ----------
-    image
-        ``(H, W, 3)`` uint8 RGB patch.
-    mpp
-        µm per pixel.
+    %(seg_image_mpp)s
     smooth_um
         Gaussian σ of the smoothing, µm.
     min_area_um2
@@ -41,7 +41,7 @@ def watershed(
 
     Returns
     -------
-    ``(H, W)`` int32 labels.
+    %(seg_labels)s
 
     Examples
     --------
