@@ -111,7 +111,7 @@ def demo(args: argparse.Namespace) -> int:
     train_mask, test_mask = lib.isin(train).to_numpy(), (lib == test).to_numpy()
     si.pp.select_genes(table, args.n_genes, method="hvg", subset=train)
     step("fit")
-    model = si.models.RidgeRegressor().fit(table, key, train_mask=train_mask)
+    model = si.models.RidgeRegressor().fit(table, key, train_indices=train_mask)
     step("predict")
     si.tl.predict_expression(table, model)
     res = si.tl.evaluate(table, mask=test_mask)
@@ -179,9 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a usage error: exit 2, as argparse does
+        parser.print_help(sys.stderr)
+        print("\nstimg: error: a command is required, e.g. `stimg demo`.", file=sys.stderr)
+        return 2
     if args.command == "demo":
         return demo(args)
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
