@@ -319,10 +319,10 @@ def _nb_ensemble_head(model) -> TorchHead:
 
 
 def _ridge_head(model) -> TorchHead:
-    """The fitted scaler → PCA → ridge pipeline is affine: read it off as ``x @ W + b``."""
+    """The fitted standardise → PCA → ridge map is affine: read it off as ``x @ W + b``."""
     d = int(model.n_features_in_)
-    b = model.pipeline_.predict(np.zeros((1, d)))
-    W = model.pipeline_.predict(np.eye(d)) - b
+    b = model._predict_array(np.zeros((1, d)))
+    W = model._predict_array(np.eye(d)) - b
     Wt, bt = torch.from_numpy(W.astype(np.float32)), torch.from_numpy(b[0].astype(np.float32))
     return TorchHead(lambda f: f @ Wt.to(f.device) + bt.to(f.device), list(model.var_names_))
 
