@@ -208,6 +208,13 @@ def test_any_feature_model_and_anndata_input(synth):
     assert (res["spots"]["feature_cosine"] > 0.999).all()
     axs = si.pl.explain(adata, spots[1])
     assert axs.shape == (1, 4)
+    # a table without the features: the encoder comes from the model's own provenance record
+    bare = adata.copy()
+    del bare.obsm["X_tiny"], bare.uns["X_tiny"]
+    out = si.tl.explain(bare, ridge, spots=spots[:1], inplace=False, **_kw(enc))
+    direct = res["summary"][res["summary"]["spot"] == spots[0]]["prediction"].to_numpy() - 1.0  # _Plain adds 1
+    np.testing.assert_allclose(out["summary"]["prediction"], direct, rtol=1e-4, atol=1e-4)
+    assert np.isnan(out["spots"]["feature_cosine"]).all()
     # tiles of a slide without spots (si.pp.tile_image) are explained the same way
     img = np.moveaxis(np.asarray(sdata0.images["S0_full_image"].data), 0, -1)
     tiles = si.pp.tile_image(img, 32, mpp=1.0, min_tissue=0.0)

@@ -129,27 +129,49 @@ def model_embedding_keys(model: Any) -> list[str] | None:
     return None
 
 
-def encoder_from_provenance(table, key: str, encoder: Any = None, *, stain: Any = None):
-    """(encoder, :class:`PatchSetup`, uns params) of the features in ``table.obsm[key]``.
+def model_provenance(model: Any, key: str) -> dict | None:
+    """The embedding provenance a model (or an ensemble's members) recorded for ``key`` (the model contract)."""
+    for m in [model, *getattr(model, "members", [])]:
+        provs = getattr(m, "embedding_provenance_", None)
+        for p in [provs] if isinstance(provs, dict) else list(provs or []):
+            if isinstance(p, dict) and p.get("embedding_key") == key and p.get("encoder"):
+                return dict(p)
+    return None
 
-    The encoder is rebuilt with :func:`stimg.encoders.get_encoder` from the name, weights and
-    ``pretrained`` flag :func:`stimg.pp.embed` recorded, and its identity is checked against the
-    recorded one; ``encoder`` (a name, module or :class:`~stimg.encoders.Encoder`) overrides it.
+
+def encoder_from_provenance(table, key: str, encoder: Any = None, *, stain: Any = None,
+                            model_prov: dict | None = None):
+    """(encoder, :class:`PatchSetup`, uns params) of the features ``.obsm[key]`` the model reads.
+
+    The provenance comes from ``table.uns[key]['params']`` (written by :func:`stimg.pp.embed`) or,
+    when the table does not hold the features, from the model's own record (``model_prov``), so a
+    saved model explains a new slide without embedding it first. The encoder is rebuilt with
+    :func:`stimg.encoders.get_encoder` from the recorded name, weights and ``pretrained`` flag, and
+    its identity is checked against the recorded one; ``encoder`` (a name, module or
+    :class:`~stimg.encoders.Encoder`) overrides it.
     """
-    from .._validate import assert_key_in
     from ..models._base import embedding_provenance
     from ..pp._embed import _encoder_identity, _get_encoder
 
-    assert_key_in(table.obsm, key, where="table.obsm",
-                  hint="The model reads features from this key; embed the data with si.pp.embed first.")
-    prov = embedding_provenance(table, key)
-    params = dict(table.uns.get(key, {}).get("params", {}) or {}) if isinstance(table.uns.get(key), dict) else {}
+    params: dict = {}
+    prov: dict = {}
+    if key in table.obsm:
+        prov = embedding_provenance(table, key)
+        uns = table.uns.get(key)
+        params = dict(uns.get("params", {}) or {}) if isinstance(uns, dict) else {}
+    if not prov.get("encoder") and model_prov:
+        prov = dict(model_prov)
+        params = {k: prov.get(k) for k in ("encoder", "encoder_identity", "patch_um", "patch_px", "stain")}
+    if key not in table.obsm and not prov and encoder is None:
+        msg = (f"the model reads .obsm[{key!r}], which the table does not hold, and records no encoder to compute it; "
+               "embed the data with si.pp.embed first, or pass encoder= and patch_um=.")
+        raise KeyError(msg)
     if encoder is not None:
         from ..encoders import get_encoder
 
         enc = get_encoder(encoder)
     else:
-        name = prov["encoder"]
+        name = prov.get("encoder")
         if name is None:
             msg = (f"table.uns[{key!r}]['params'] does not record which encoder computed obsm[{key!r}] "
                    "(features from elsewhere); pass encoder= (the name, module or stimg.encoders.Encoder used) "
@@ -199,7 +221,8 @@ class FrozenFeaturePredictor(Predictor):
         self.predict_kwargs = dict(predict_kwargs or {})
         self.encoders, self.params, setups = {}, {}, []
         for key in self.keys:
-            enc, setup, params = encoder_from_provenance(table, key, encoder, stain=stain)
+            enc, setup, params = encoder_from_provenance(table, key, encoder, stain=stain,
+                                                         model_prov=model_provenance(model, key))
             self.encoders[key], self.params[key] = enc, params
             setups.append(setup)
         um = patch_um if patch_um is not None else setups[0].patch_um
@@ -212,8 +235,9 @@ class FrozenFeaturePredictor(Predictor):
                    "explanations need one patch: explain one member or re-embed with one patch size.")
             raise ValueError(msg)
         self.setup = PatchSetup(float(um), int(px), stain)
-        self.genes = list(self._predict_features({k: np.asarray(table.obsm[k][:1], np.float32) for k in self.keys})
-                          .var_names)
+        probe = {k: (np.asarray(table.obsm[k][:1], np.float32) if k in table.obsm
+                     else np.zeros((1, self.encoders[k].dim), np.float32)) for k in self.keys}
+        self.genes = list(self._predict_features(probe).var_names)
 
     def _predict_features(self, feats: dict[str, np.ndarray]):
         from anndata import AnnData
@@ -250,6 +274,8 @@ class FrozenFeaturePredictor(Predictor):
             return float("nan")
         cos = []
         for k, f in last.items():
+            if k not in self.table.obsm:
+                return float("nan")
             a, b = f[0].astype(np.float64), np.asarray(self.table.obsm[k][row], dtype=np.float64)
             cos.append(float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)))
         return min(cos)
