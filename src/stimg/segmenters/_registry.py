@@ -173,10 +173,9 @@ def nucleus_morphology(labels: np.ndarray, *, mpp: float, image: np.ndarray | No
     >>> import numpy as np
     >>> from stimg.segmenters import nucleus_morphology
     >>> lab = np.zeros((20, 20), np.int32); lab[5:9, 5:15] = 1
-    >>> nucleus_morphology(lab, mpp=0.5)[["area_um2", "eccentricity"]].round(2)
-           area_um2  eccentricity
-    label
-    1          10.0          0.96
+    >>> m = nucleus_morphology(lab, mpp=0.5)
+    >>> float(m.loc[1, "area_um2"]), round(float(m.loc[1, "eccentricity"]), 2)
+    (10.0, 0.92)
     """
     from skimage.measure import regionprops_table
 
