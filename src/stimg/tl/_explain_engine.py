@@ -5,8 +5,9 @@ Two adapters turn any stimg model into a function of image patches:
 * :class:`FrozenFeaturePredictor` — for models that predict from features in ``.obsm`` (ridge,
   NB regressor and ensemble, SCR²Net, ...). The features are recomputed by the model's own
   encoder, rebuilt from the provenance :func:`stimg.pp.embed` recorded in
-  ``.uns[embedding_key]['params']``, and the model's ordinary ``predict`` runs on an AnnData that
-  holds them. Nothing model-specific: a model only has to say which ``.obsm`` key it reads.
+  ``.uns[embedding_key]['params']`` (or, for a table without the features, from the model's own
+  ``embedding_provenance_``), and the model's ordinary ``predict`` runs on an AnnData that holds
+  them. Nothing model-specific: a model only has to say which ``.obsm`` key it reads.
 * :class:`TorchPredictor` — a differentiable ``patch → expression`` network, for gradient
   explainers and end-to-end models: the model's encoder (or the provenance encoder) followed by a
   torch head from :data:`TORCH_HEADS` (one builder per model class).
