@@ -18,6 +18,7 @@ from ._annotation_rules import (
 from ._classify import classify_expression
 from ._context import choose_spatial_context
 from ._evaluate import evaluate
+from ._explain import explain
 from ._predict import predict_expression
 from ._simulate import simulate_sampling
 from ._split import check_split_leakage, split_by_patient
@@ -39,6 +40,7 @@ __all__ = [
     "classify_expression",
     "entropy",
     "evaluate",
+    "explain",
     "least_confidence",
     "margin",
     "predict_annotation",
