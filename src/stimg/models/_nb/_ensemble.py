@@ -14,6 +14,13 @@ from anndata import AnnData
 from ..._logging import logger
 from ..._prediction import ExpressionPrediction
 from ..._utils import progress_bar
+from ._conformal import (
+    ConformalCalibration,
+    coverage_scores,
+    cross_conformal,
+    resolve_calibrated,
+    training_groups,
+)
 from ._model import NBRegressor, _interval, _moments
 
 
@@ -79,6 +86,7 @@ class NBEnsemble:
         self.seeds = seeds
         self.embedding_keys = [m.adata_manager.registry["setup_args"]["embedding_key"] for m in self.members]
         self.genes_ = list(self.members[0].genes_)
+        self.calibration_: ConformalCalibration | None = None
 
     @classmethod
     def from_members(cls, members: Sequence[NBRegressor]) -> NBEnsemble:
@@ -100,6 +108,7 @@ class NBEnsemble:
         obj.members, obj.adata, obj.genes_ = members, members[0].adata, genes
         obj.seeds = [m.seed_ for m in members]
         obj.embedding_keys = [m.adata_manager.registry["setup_args"]["embedding_key"] for m in members]
+        obj.calibration_ = None
         return obj
 
     def __len__(self) -> int:
@@ -120,7 +129,71 @@ class NBEnsemble:
         train_kwargs.setdefault("progress", False)
         for m in progress_bar(self.members, desc="Training ensemble members", progress=progress):
             m.train(**train_kwargs)
+        self.calibration_ = None
         logger.info("trained %d NB members in %.1fs", len(self), time.perf_counter() - start)
+
+    def calibrate(self, groups: str | Sequence | np.ndarray | None = "library_id", *,
+                  calibration_indices: Sequence[int] | np.ndarray | None = None, per_gene: bool = True,
+                  progress: bool | None = None) -> NBEnsemble:
+        """Conformally calibrate :meth:`predict_interval` (as :meth:`NBRegressor.calibrate`, for the mixture).
+
+        Cross-conformal over ``groups``: every training section is predicted by an ensemble of the
+        same members (settings and seeds) trained on the other sections — ``M`` extra trainings per
+        section; or split-conformal on ``calibration_indices`` held out of training.
+
+        Parameters
+        ----------
+        groups
+            ``.obs`` column (or one label per spot) of the training sections left out in turn.
+        calibration_indices
+            Spots not used in training: split-conformal instead (no retraining).
+        per_gene
+            One calibrated level per gene (``False``: one shared level).
+        progress
+            Progress bar over the folds.
+
+        Returns
+        -------
+        The ensemble, with ``calibration_`` set.
+
+        Examples
+        --------
+        >>> ens.train(train_indices=train)  # doctest: +SKIP
+        >>> ens.calibrate("library_id")  # leave-one-section-out over the training sections  # doctest: +SKIP
+        >>> lo, hi = ens.predict_interval(new, level=0.9)  # doctest: +SKIP
+        """
+        if not all(getattr(m, "is_trained_", False) for m in self.members):
+            msg = "train the ensemble before calibrating it."
+            raise RuntimeError(msg)
+        first = self.members[0]
+        adata = first.adata
+        if calibration_indices is not None:
+            from ..._validate import check_indices
+
+            held = check_indices(calibration_indices, adata.n_obs, "calibration_indices")
+            used = np.concatenate([np.r_[m.train_indices_, m.validation_indices_] for m in self.members])
+            if (seen := np.intersect1d(held, used)).size:
+                msg = (f"{seen.size} calibration spots were used in training; pass spots held out of training "
+                       "(train with train_indices= excluding them).")
+                raise ValueError(msg)
+            r, b = self._params(adata[held])
+            scores = coverage_scores(r, b, first._observed_counts(held))
+            self.calibration_ = ConformalCalibration.from_scores(scores, method="split", per_gene=per_gene)
+            return self
+        rows = np.unique(np.concatenate([np.r_[m.train_indices_, m.validation_indices_] for m in self.members]))
+        labels = training_groups(adata, groups, rows)
+
+        def fit_params(fit, held):
+            params = [m._fit_fold(fit).get_nb_params(adata[held]) for m in self.members]
+            return np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
+
+        self.calibration_ = cross_conformal(fit_params, first._observed_counts, rows, labels, per_gene=per_gene,
+                                            progress=progress)
+        return self
+
+    def _params(self, adata: AnnData | None = None, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        params = [m.get_nb_params(adata, **kwargs) for m in self.members]
+        return np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
 
     def member_predictions(self, adata: AnnData | None = None, *, scale: str = "log1p",
                            **kwargs: Any) -> list[ExpressionPrediction]:
@@ -159,16 +232,34 @@ class NBEnsemble:
         return ExpressionPrediction(mean=mu.mean(0), var_names=list(self.genes_), scale=scale,
                                     aleatoric=np.mean(variances, 0), epistemic=mu.var(0))
 
-    def predict_interval(self, adata: AnnData | None = None, *, level: float = 0.9,
+    def predict_interval(self, adata: AnnData | None = None, *, level: float = 0.9, calibrated: bool | None = None,
                          **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Central ``level`` interval of the counts under the equal-weight mixture of member NBs.
+        """Central interval of the counts under the equal-weight mixture of member NBs.
+
+        Parameters
+        ----------
+        adata
+            Table with the members' embeddings (``None``: the training table).
+        level
+            Nominal coverage in (0, 1).
+        calibrated
+            ``None``: conformally calibrated when :meth:`calibrate` has run; ``True``: require it;
+            ``False``: the raw mixture quantiles ``(1 ± level)/2``.
+        **kwargs
+            Passed to :meth:`NBRegressor.get_nb_params`.
+
+        Returns
+        -------
+        ``(lower, upper)`` counts, each ``(n_obs, n_genes)``.
 
         Examples
         --------
         >>> lo, hi = ens.predict_interval(adata, level=0.9)  # doctest: +SKIP
+        >>> lo, hi = ens.predict_interval(adata, level=0.9, calibrated=False)  # raw NB mixture  # doctest: +SKIP
         """
-        params = [m.get_nb_params(adata, **kwargs) for m in self.members]
-        return _interval(np.stack([p[0] for p in params]), np.stack([p[1] for p in params]), level)
+        cal = resolve_calibrated(self, calibrated)
+        r, b = self._params(adata, **kwargs)
+        return _interval(r, b, level, cal)
 
     def save(self, dir_path: str | Path, *, overwrite: bool = False, save_anndata: bool = False) -> None:
         """Save every member to ``dir_path/member_<i>`` plus ``ensemble.json``.

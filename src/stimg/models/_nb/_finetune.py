@@ -23,6 +23,13 @@ from ..._settings import settings
 from ..._spatial import get_table
 from ..._utils import progress_bar, resolve_device, warn
 from ..._validate import check_indices, check_matrix, check_nonempty
+from ._conformal import (
+    ConformalCalibration,
+    coverage_scores,
+    cross_conformal,
+    resolve_calibrated,
+    training_groups,
+)
 from ._model import _counts_source, _interval, _moments, _resolve_genes
 from ._module import NBModule, nb_log_prob
 
@@ -303,6 +310,10 @@ class NBFinetuner:
                             gene_mean=counts.mean(0))
         self.net = _FinetuneNet(enc, head)
         self._patches, self._counts = patches, counts
+        self._data = data  # for cross-conformal calibration folds
+        self._pretrained = bool(pretrained)
+        self._train_kwargs: dict[str, Any] = {}
+        self.calibration_: ConformalCalibration | None = None
         self.seed_ = int(seed)
         self.is_trained_ = False
         self.history_: pd.DataFrame | None = None
@@ -424,6 +435,12 @@ class NBFinetuner:
         from lightning.fabric.utilities.warnings import PossibleUserWarning
         from lightning.pytorch.callbacks import EarlyStopping
 
+        recorded = {"max_epochs": max_epochs, "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
+                    "freeze_backbone_epochs": freeze_backbone_epochs, "validation_size": validation_size,
+                    "accelerator": accelerator, "devices": devices, "precision": precision,
+                    "early_stopping": early_stopping, "early_stopping_patience": early_stopping_patience,
+                    "weight_decay": weight_decay, "augment": augment, "num_workers": num_workers,
+                    **{k: v for k, v in trainer_kwargs.items() if k != "callbacks"}}
         seed = self.seed_ if seed is None else int(seed)
         tr, val, item_of_row = self._split(train_indices, validation_size, early_stopping, seed)
         acc, default_precision = _trainer_accelerator(accelerator)
@@ -477,6 +494,8 @@ class NBFinetuner:
         self._refresh_cache_key()
         self.history_ = pd.DataFrame(lit.history)
         self.train_indices_, self.validation_indices_ = tr, val
+        self._train_kwargs = recorded
+        self.calibration_ = None
         self.is_trained_ = True
         if lit.best_state is not None:
             logger.info("NBFinetuner: %d epochs, best validation NLL %.4g", len(lit.history), lit.best)
@@ -584,8 +603,25 @@ class NBFinetuner:
         mean, var = _moments(r, b, scale)
         return ExpressionPrediction(mean=mean, var_names=list(self.genes_), scale=scale, aleatoric=var)
 
-    def predict_interval(self, data: Any, level: float = 0.9, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Central predictive interval of the counts: NB quantiles ``(1 ± level)/2``.
+    def predict_interval(self, data: Any, level: float = 0.9, *, calibrated: bool | None = None,
+                         **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Central predictive interval of the counts (NB quantiles; conformally calibrated after :meth:`calibrate`).
+
+        Parameters
+        ----------
+        data
+            SpatialData or AnnData with the images.
+        level
+            Nominal coverage in (0, 1).
+        calibrated
+            ``None``: calibrated when :meth:`calibrate` has run; ``True``: require it; ``False``:
+            the raw NB quantiles ``(1 ± level)/2``.
+        **kwargs
+            Passed to :meth:`get_nb_params`.
+
+        Returns
+        -------
+        ``(lower, upper)`` counts, each ``(n_obs, n_genes)``.
 
         Examples
         --------
@@ -594,8 +630,79 @@ class NBFinetuner:
         if not 0 < level < 1:
             msg = f"level must be in (0, 1), got {level!r}."
             raise ValueError(msg)
+        cal = resolve_calibrated(self, calibrated)
         r, b = self.get_nb_params(data, **kwargs)
-        return _interval(r[None], b[None], level)
+        return _interval(r[None], b[None], level, cal)
+
+    def _rows_nb_params(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """NB parameters of training-table rows, read from the training patches."""
+        item_of_row = np.empty(len(self._counts), dtype=int)
+        item_of_row[self._patches.obs_index] = np.arange(len(self._patches))
+        kw = self._train_kwargs
+        rb = self._features(_PatchCounts(self._patches, None, item_of_row[rows]), int(kw.get("batch_size", 32)),
+                            resolve_device(kw.get("accelerator", "auto")), 0, "nb")
+        g = len(self.genes_)
+        return rb[:, :g], rb[:, g:]
+
+    def calibrate(self, groups: str | Sequence | np.ndarray | None = "library_id", *,
+                  calibration_indices: Sequence[int] | np.ndarray | None = None, per_gene: bool = True,
+                  progress: bool | None = None) -> NBFinetuner:
+        """Conformally calibrate :meth:`predict_interval` (see :meth:`NBRegressor.calibrate <stimg.models.NBRegressor.calibrate>`).
+
+        Split-conformal on ``calibration_indices`` (training-table spots held out of training) is
+        cheap; cross-conformal over ``groups`` fine-tunes one encoder per training section.
+
+        Parameters
+        ----------
+        groups
+            ``.obs`` column (or one label per spot) of the training sections left out in turn.
+        calibration_indices
+            Spots not used in training: split-conformal instead (no retraining).
+        per_gene
+            One calibrated level per gene (``False``: one shared level).
+        progress
+            Progress bar over the folds.
+
+        Returns
+        -------
+        The model, with ``calibration_`` set.
+
+        Examples
+        --------
+        >>> m.train(train_indices=train)  # doctest: +SKIP
+        >>> m.calibrate(calibration_indices=held_out)  # doctest: +SKIP
+        """
+        if not self.is_trained_:
+            msg = "train the model before calibrating it."
+            raise RuntimeError(msg)
+        n = len(self._counts)
+        if calibration_indices is not None:
+            held = check_indices(calibration_indices, n, "calibration_indices")
+            if (seen := np.intersect1d(held, np.r_[self.train_indices_, self.validation_indices_])).size:
+                msg = (f"{seen.size} calibration spots were used in training; pass spots held out of training "
+                       "(train with train_indices= excluding them).")
+                raise ValueError(msg)
+            r, b = self._rows_nb_params(held)
+            self.calibration_ = ConformalCalibration.from_scores(coverage_scores(r, b, self._counts[held]),
+                                                                 method="split", per_gene=per_gene)
+            return self
+        p = dict(self.init_params_)
+        if p["encoder"] is None:
+            msg = ("cross-conformal calibration re-trains the model and needs an encoder name; with a custom module "
+                   "pass calibration_indices= (split-conformal) instead.")
+            raise ValueError(msg)
+        rows = np.sort(np.r_[self.train_indices_, self.validation_indices_])
+        table = get_table(self._data, p["table_key"])
+        labels = training_groups(table, groups, rows)
+
+        def fit_params(fit, held):
+            m = type(self)(self._data, pretrained=self._pretrained, target_key=None, **p)
+            m.train(**{**self._train_kwargs, "train_indices": fit, "progress": False})
+            return m._rows_nb_params(held)
+
+        self.calibration_ = cross_conformal(fit_params, lambda rows: self._counts[rows], rows, labels,
+                                            per_gene=per_gene, progress=progress)
+        return self
 
     def get_embedding(self, data: Any, *, table_key: str | None = None, batch_size: int = 64,
                       accelerator: str | None = "auto", num_workers: int = 0) -> np.ndarray:

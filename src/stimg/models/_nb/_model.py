@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,13 @@ from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._utils import warn
 from ..._validate import assert_key_in, check_indices, check_matrix, check_nonempty
+from ._conformal import (
+    ConformalCalibration,
+    coverage_scores,
+    cross_conformal,
+    resolve_calibrated,
+    training_groups,
+)
 from ._constants import COUNTS_OBSM, LOG_LIB_OBS, NB_KEYS
 from ._module import NBModule, nb_log1p_moments, nb_mean_var, nb_mixture_quantiles
 
@@ -142,6 +150,8 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
             log_ref = float(np.mean(log_lib))
         self.genes_ = list(args["genes"])
         self.seed_ = int(seed)
+        self.calibration_: ConformalCalibration | None = None
+        self._train_kwargs: dict[str, Any] = {}
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.module = NBModule(
@@ -282,6 +292,11 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> model.train(max_epochs=100, accelerator="cpu", train_indices=idx)  # doctest: +SKIP
         """
+        recorded = {"max_epochs": max_epochs, "accelerator": accelerator, "devices": devices,
+                    "validation_size": validation_size, "early_stopping": early_stopping,
+                    "early_stopping_patience": early_stopping_patience, "batch_size": batch_size, "lr": lr,
+                    "weight_decay": weight_decay, "plan_kwargs": plan_kwargs,
+                    **{k: v for k, v in trainer_kwargs.items() if k != "callbacks"}}
         n = self.adata.n_obs
         tr = check_indices(train_indices, n)
         check_nonempty(tr.size, "train_indices")
@@ -300,27 +315,113 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else progress)
         trainer_kwargs.setdefault("enable_model_summary", False)
         trainer_kwargs.setdefault("log_every_n_steps", 1)
-        if early_stopping:
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-            trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
-            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), _RestoreBest()]
-        elif n_val:
+        if early_stopping:  # Lightning's EarlyStopping: scvi's prints its reason to stdout on teardown
+            from lightning.pytorch.callbacks import EarlyStopping
+
+            stop = EarlyStopping(monitor="elbo_validation", patience=early_stopping_patience, mode="min")
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), stop, _RestoreBest()]
+        if n_val:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        lightning_logger = logging.getLogger("lightning.pytorch")
-        old = lightning_logger.level
-        lightning_logger.setLevel(logging.WARNING)
+        quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+        old_levels = [lg.level for lg in quiet]
+        for lg in quiet:  # "GPU available", "Seed set to", tips
+            lg.setLevel(logging.WARNING)
         try:
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(), warnings.catch_warnings():
+                # Lightning's own use of torch's deprecated pytree LeafSpec: not actionable by users
+                warnings.filterwarnings("ignore", message=".*treespec.*")
                 torch.manual_seed(seed)
                 super().train(
                     max_epochs=max_epochs, accelerator=accelerator or settings.accelerator, devices=devices,
-                    batch_size=batch_size, early_stopping=early_stopping, plan_kwargs=pk,
+                    batch_size=batch_size, early_stopping=False, plan_kwargs=pk,
                     datasplitter_kwargs={"external_indexing": [tr, val, rest]}, **trainer_kwargs,
                 )
         finally:
-            lightning_logger.setLevel(old)
+            for lg, lv in zip(quiet, old_levels, strict=True):
+                lg.setLevel(lv)
         self.train_indices_ = tr
         self.validation_indices_ = val
+        self._train_kwargs = recorded
+        self.calibration_ = None  # a retrained model must be calibrated again
+
+    # ------------------------------------------------------------------ conformal calibration
+    def _untrained_copy(self) -> NBRegressor:
+        """A fresh model with this one's data registration and hyperparameters."""
+        args = dict(self.adata_manager.registry["setup_args"])
+        current = self._get_most_recent_anndata_manager(self.adata, required=True).registry["setup_args"]
+        if dict(current) == args:
+            return type(self)(self.adata, **self.init_params_["non_kwargs"])
+        type(self).setup_anndata(self.adata, **args)  # members of multi-encoder ensembles
+        try:
+            return type(self)(self.adata, **self.init_params_["non_kwargs"])
+        finally:
+            type(self).setup_anndata(self.adata, **dict(current))
+
+    def _fit_fold(self, rows: np.ndarray) -> NBRegressor:
+        m = self._untrained_copy()
+        m.train(**{**self._train_kwargs, "train_indices": rows, "progress": False})
+        return m
+
+    def _observed_counts(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.adata_manager.get_from_registry(NB_KEYS.COUNTS), dtype=np.float64)[rows]
+
+    def calibrate(self, groups: str | Sequence | np.ndarray | None = "library_id", *,
+                  calibration_indices: Sequence[int] | np.ndarray | None = None, per_gene: bool = True,
+                  progress: bool | None = None) -> NBRegressor:
+        """Conformally calibrate :meth:`predict_interval` so that level-τ intervals cover τ of new counts.
+
+        **Cross-conformal** (default, ``groups``): each training section is predicted by a model
+        trained, with this model's settings, on the other training sections; the score of each
+        count is the smallest central level of its NB interval that covers it, and the level used
+        for a nominal τ is the conformal ``⌈(n+1)τ⌉/n`` quantile of these scores, per gene.
+        Costs one extra training per section. **Split-conformal** (``calibration_indices``): spots
+        held out of training are scored by this model (no retraining).
+
+        Parameters
+        ----------
+        groups
+            ``.obs`` column (or one label per spot) of the sections to leave out in turn; only the
+            training spots are used.
+        calibration_indices
+            Spots not used in training (positions or a boolean mask): split-conformal instead.
+        per_gene
+            One calibrated level per gene (``False``: one level shared by all genes).
+        progress
+            Progress bar over the folds.
+
+        Returns
+        -------
+        The model, with ``calibration_`` set (saved with it).
+
+        Examples
+        --------
+        >>> model.train(train_indices=train)  # doctest: +SKIP
+        >>> model.calibrate("library_id")  # doctest: +SKIP
+        >>> lo, hi = model.predict_interval(new, level=0.9)  # calibrated  # doctest: +SKIP
+        """
+        if not getattr(self, "is_trained_", False):
+            msg = "train the model before calibrating it."
+            raise RuntimeError(msg)
+        if calibration_indices is not None:
+            held = check_indices(calibration_indices, self.adata.n_obs, "calibration_indices")
+            seen = np.intersect1d(held, np.r_[self.train_indices_, self.validation_indices_])
+            if seen.size:
+                msg = (f"{seen.size} calibration spots were used in training; pass spots held out of training "
+                       "(train with train_indices= excluding them).")
+                raise ValueError(msg)
+            r, b = self.get_nb_params(self.adata[held])
+            scores = coverage_scores(r, b, self._observed_counts(held))
+            self.calibration_ = ConformalCalibration.from_scores(scores, method="split", per_gene=per_gene)
+            return self
+        rows = np.sort(np.r_[self.train_indices_, self.validation_indices_])
+        labels = training_groups(self.adata, groups, rows)
+
+        def fit_params(fit, held):
+            return self._fit_fold(fit).get_nb_params(self.adata[held])
+
+        self.calibration_ = cross_conformal(fit_params, self._observed_counts, rows, labels, per_gene=per_gene,
+                                            progress=progress)
+        return self
 
     # ------------------------------------------------------------------ inference
     def _embedding_and_library(self, adata: AnnData, library_size: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -416,15 +517,36 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         mean, var = _moments(r, b, scale)
         return ExpressionPrediction(mean=mean, var_names=list(self.genes_), scale=scale, aleatoric=var)
 
-    def predict_interval(self, adata: AnnData | None = None, *, level: float = 0.9, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Central predictive interval of the counts: NB quantiles ``(1 ± level)/2``.
+    def predict_interval(self, adata: AnnData | None = None, *, level: float = 0.9, calibrated: bool | None = None,
+                         **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Central predictive interval of the counts that should hold a fraction ``level`` of them.
+
+        Uncalibrated: the NB quantiles ``(1 ± level)/2``. Calibrated (after :meth:`calibrate`):
+        the NB quantiles of the conformally calibrated level of each gene.
+
+        Parameters
+        ----------
+        adata
+            Table with the embedding (``None``: training table).
+        level
+            Nominal coverage in (0, 1).
+        calibrated
+            ``None``: calibrated when the model has been calibrated; ``True``: require it;
+            ``False``: the raw NB interval.
+        **kwargs
+            Passed to :meth:`get_nb_params`.
+
+        Returns
+        -------
+        ``(lower, upper)`` counts, each ``(n_obs, n_genes)``.
 
         Examples
         --------
         >>> lo, hi = model.predict_interval(adata, level=0.9)  # doctest: +SKIP
         """
+        cal = resolve_calibrated(self, calibrated)
         r, b = self.get_nb_params(adata, **kwargs)
-        return _interval(r[None], b[None], level)
+        return _interval(r[None], b[None], level, cal)
 
 
 def _moments(r: np.ndarray, b: np.ndarray, scale: str) -> tuple[np.ndarray, np.ndarray]:
@@ -437,9 +559,14 @@ def _moments(r: np.ndarray, b: np.ndarray, scale: str) -> tuple[np.ndarray, np.n
     raise ValueError(msg)
 
 
-def _interval(r: np.ndarray, b: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def _interval(r: np.ndarray, b: np.ndarray, level: float,
+              calibration: ConformalCalibration | None = None) -> tuple[np.ndarray, np.ndarray]:
     if not 0 < level < 1:
         msg = f"level must be in (0, 1), got {level!r}."
         raise ValueError(msg)
-    lo, hi = nb_mixture_quantiles(r, b, ((1 - level) / 2, (1 + level) / 2))
+    lv = level if calibration is None else calibration.levels(level, r.shape[-1])
+    if np.ndim(lv) and len(lv) != r.shape[-1]:
+        msg = f"the calibration has {len(lv)} genes but the model predicts {r.shape[-1]}."
+        raise ValueError(msg)
+    lo, hi = nb_mixture_quantiles(r, b, ((1 - lv) / 2, (1 + lv) / 2))
     return lo, hi
