@@ -4,8 +4,8 @@ The score of an observed count ``y`` under a predictive (mixture) NB with CDF ``
 central level whose interval covers it, ``s = max(1 − 2F(y), 2F(y − 1) − 1)``: ``y`` lies in the
 central interval of level ``L`` (quantiles ``(1 ∓ L)/2``) exactly when ``L ≥ s``. Scores of spots the
 model did not see (a held-out calibration set, or each training section predicted by a model trained
-on the other sections) give, per gene, the level ``L*`` = the ``⌈(n + 1)τ⌉/n`` empirical quantile of
-the scores; intervals of level ``L*`` then cover a fraction ``τ`` of new counts when the new section
+on the other sections) give the level ``L*`` = the ``⌈(n + 1)τ⌉/n`` empirical quantile of the scores
+(pooled over genes by default, or per gene); intervals of level ``L*`` then cover a fraction ``τ`` of new counts when the new section
 is exchangeable with the calibration sections (Vovk et al. 2005; Chernozhukov et al. 2021,
 distributional conformal prediction). crepes/MAPIE calibrate residuals of continuous point
 predictions; for discrete count distributions this PIT-level score is the direct form.
@@ -54,9 +54,9 @@ class ConformalCalibration:
     ----------
     score_quantiles
         ``(1001, n_genes)`` quantiles (``method='higher'``) of the calibration scores on the grid
-        ``0, 0.001, …, 1``; one column shared by all genes when ``per_gene`` is false.
+        ``0, 0.001, …, 1``; one column (``(1001, 1)``) shared by all genes when ``per_gene`` is false.
     n_scores
-        Calibration scores per gene.
+        Number of calibration scores (per gene, or one pooled count).
     method
         ``'cross'`` (each training section scored by a model trained on the others) or ``'split'``
         (a held-out calibration set scored by the model itself).
@@ -71,12 +71,12 @@ class ConformalCalibration:
     score_quantiles: np.ndarray
     n_scores: np.ndarray
     method: str
-    per_gene: bool = True
+    per_gene: bool = False
     groups: list[str] = field(default_factory=list)
     scores: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray, *, method: str, per_gene: bool = True,
+    def from_scores(cls, scores: np.ndarray, *, method: str, per_gene: bool = False,
                     groups: Sequence[str] = ()) -> ConformalCalibration:
         """Summarise ``(n, g)`` scores (NaN = missing) into per-gene (or pooled) quantiles."""
         s = np.asarray(scores, dtype=np.float64)
@@ -143,7 +143,7 @@ def training_groups(adata: Any, groups: str | Sequence | np.ndarray, rows: np.nd
 
 def cross_conformal(fit_params: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
                     counts: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, labels: np.ndarray, *,
-                    per_gene: bool = True, progress: bool | None = None) -> ConformalCalibration:
+                    per_gene: bool = False, progress: bool | None = None) -> ConformalCalibration:
     """Leave-one-group-out conformal scores: ``fit_params(train_rows, held_rows) -> (r, logits)``.
 
     Each group of ``rows`` is predicted by a model fitted on the other groups; ``counts(rows)``
