@@ -27,7 +27,8 @@ def write_report(res: dict[str, Any], out: Path, args: argparse.Namespace, files
         "",
         f"stimg {si.__version__}, {args.encoder} features of {args.patch_um:g} µm patches, {args.n_genes} highly "
         f"variable genes chosen on the training sections, NB ensemble of {args.members} members. "
-        f"Wall time {res['wall']:.0f} s on {os.cpu_count()} CPU cores ({platform.machine()}).",
+        f"Wall time {res['wall']:.0f} s (CPU time {res['cpu']:.0f} s) on {os.cpu_count()} CPU cores "
+        f"({platform.machine()}).",
         "",
         "## Prediction on the held-out section",
         "",

@@ -67,8 +67,8 @@ def _colorbar_label(table, color: str, layer: str | None) -> str:
             return "counts"  # X holds raw counts (stimg's readers)
         info = table.uns.get(layer)
         scale = info.get("params", {}).get("scale") if isinstance(info, dict) else None
-        if scale == "counts":
-            return f"predicted counts ({layer})"
+        if scale is not None:  # a prediction layer of si.tl.predict_expression
+            return "predicted counts" if scale == "counts" else "predicted log1p(counts)"
         return _UNITS.get(layer, layer)
     return color
 
