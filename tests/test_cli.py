@@ -14,7 +14,7 @@ def test_help_documents_options(capsys):
     out = capsys.readouterr().out
     for opt in ("--sections", "--test-section", "--encoder", "--n-genes", "--out", "--no-progress", "--patch-um"):
         assert opt in out
-    assert main([]) == 0
+    assert main([]) == 2  # no command: a usage error (issue 14)
 
 
 def test_bad_arguments(tmp_path, capsys):

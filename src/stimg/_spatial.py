@@ -14,6 +14,8 @@ import pandas as pd
 from anndata import AnnData
 
 from ._constants import LIBRARY_KEY, SPATIAL_KEY, TABLE_KEY, VISIUM_SPOT_DIAMETER_UM
+from ._rgb import to_rgb8
+from ._utils import warn
 from ._validate import assert_key_in
 
 
@@ -23,14 +25,21 @@ def is_spatialdata(data: Any) -> bool:
 
 
 def get_table(data: Any, table_key: str = TABLE_KEY) -> AnnData:
-    """The AnnData table of ``data`` (the object itself for AnnData)."""
+    """The AnnData table of ``data`` (the object itself for AnnData); warns about duplicated spot names."""
     if isinstance(data, AnnData):
-        return data
-    if is_spatialdata(data):
+        table = data
+    elif is_spatialdata(data):
         assert_key_in(data.tables, table_key, where="sdata.tables")
-        return data.tables[table_key]
-    msg = f"Expected AnnData or SpatialData, got {type(data).__name__}."
-    raise TypeError(msg)
+        table = data.tables[table_key]
+    else:
+        msg = f"Expected AnnData or SpatialData, got {type(data).__name__}."
+        raise TypeError(msg)
+    if not table.obs_names.is_unique:
+        dup = table.obs_names[table.obs_names.duplicated()].unique()
+        warn(f"{len(dup)} spot names (obs_names) occur more than once (e.g. {list(dup[:3])}); stimg matches spots by "
+             "position, but anything joined by barcode (Loupe CSVs, merges) would be ambiguous. Make them unique "
+             "first: adata.obs_names_make_unique() (or concatenate sections with index_unique='-').")
+    return table
 
 
 def library_column(table: AnnData, library_key: str | None = None) -> tuple[str | None, pd.Series]:
@@ -68,7 +77,17 @@ class Section:
     def image_array(self):
         """The raw ``(c, y, x)`` array (numpy or dask) without xarray wrapping."""
         img = self.image
-        return img if isinstance(img, np.ndarray) or img is None else img.data
+        return img.data if hasattr(img, "dims") else img  # xarray → its numpy/dask array
+
+
+def _check_xy(table: AnnData, idx: np.ndarray, xy: np.ndarray, lib: str) -> None:
+    """Refuse spots without finite coordinates (NaN/inf), naming them and the fix."""
+    bad = ~np.isfinite(xy).all(1)
+    if bad.any():
+        names = list(table.obs_names[idx[bad]][:3])
+        msg = (f"{int(bad.sum())} of {len(xy)} spots of section {lib!r} have non-finite (NaN/inf) coordinates "
+               f"(e.g. {names}); drop them first, e.g. adata = adata[np.isfinite(adata.obsm['spatial']).all(1)].copy().")
+        raise ValueError(msg)
 
 
 def _scalefactors(table: AnnData, lib: str) -> dict:
@@ -119,7 +138,9 @@ def _anndata_sections(table, libs, lib_values, image_key, spot_diameter_um, need
             d_full = d_um / mpp_full if mpp_full else 1.0
         img = None
         if key is not None:
-            img = np.moveaxis(np.asarray(images[key])[..., :3], -1, 0)
+            img = to_rgb8(np.asarray(images[key]), where=f"adata.uns['spatial'][{lib!r}]['images'][{key!r}]",
+                          channel_axis=-1)
+        _check_xy(table, idx, xy_all[idx], lib)
         out.append(Section(lib, idx, xy_all[idx] * scalef, img, key,
                            None if mpp_full is None else mpp_full / scalef, float(d_full) * scalef))
     return out
@@ -150,7 +171,7 @@ def _scale0(img):
     from spatialdata import get_pyramid_levels
     from xarray import DataTree
 
-    return get_pyramid_levels(img, n=0) if isinstance(img, DataTree) else img
+    return get_pyramid_levels(img, n=0) if isinstance(img, DataTree) else img  # DataArray, or level 0
 
 
 def _spatialdata_sections(sdata, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image):
@@ -184,11 +205,12 @@ def _spatialdata_sections(sdata, table, libs, lib_key, lib_values, image_key, sp
             img_t = get_transformation(sdata.images[key], get_all=True)
             cs = next(c for c in shp_t if c in img_t)
             A = img_t[cs].inverse().to_affine_matrix(axes, axes) @ shp_t[cs].to_affine_matrix(axes, axes)
-            if img.sizes.get("c", 3) > 3:
-                img = img.isel(c=slice(0, 3))
+            if img.dtype != np.uint8 or img.sizes.get("c", 3) != 3:
+                img = to_rgb8(img.data, where=f"sdata.images[{key!r}]")
         else:
             img, A = None, np.eye(3)
         pts = np.c_[circ.geometry.x.to_numpy(), circ.geometry.y.to_numpy(), np.ones(len(circ))] @ A.T
+        _check_xy(table, idx, pts[:, :2], lib)
         scale = float(np.sqrt(abs(np.linalg.det(A[:2, :2]))))
         radius = float(np.median(circ["radius"])) * scale if "radius" in circ else 1.0
         sf = _scalefactors(table, lib)
@@ -210,7 +232,7 @@ def sections(
     """Resolve ``data`` into :class:`Section` views (no pixel data is read)."""
     table = get_table(data, table_key)
     if table.n_obs == 0:
-        msg = "The table has no spots."
+        msg = "The table has no spots (n_obs == 0); check the filtering that produced it."
         raise ValueError(msg)
     lib_key, lib_values = library_column(table, library_key)
     present = list(pd.unique(lib_values))
@@ -218,3 +240,59 @@ def sections(
     if is_spatialdata(data):
         return _spatialdata_sections(data, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image)
     return _anndata_sections(table, libs, lib_values, image_key, spot_diameter_um, need_image)
+
+
+@dataclass
+class NativeUnits:
+    library_id: str
+    obs_index: np.ndarray  # rows of the unit table
+    xy: np.ndarray  # (n, 2) in the native frame (shapes coordinates / obsm['spatial'] pixels)
+    um_per_unit: float  # µm per native coordinate unit
+    transformations: dict | None  # of the source shapes (SpatialData)
+
+
+def native_units(data: Any, table: AnnData, library_key: str | None = None) -> list[NativeUnits]:
+    """Each section's unit centres in their own frame, with µm per coordinate unit.
+
+    The frame is the shapes' coordinates (SpatialData) or ``obsm['spatial']`` pixels (AnnData);
+    unlike :func:`sections`, no image is involved.
+    """
+    lib_key, libs = library_column(table, library_key)
+    out = []
+    for lib in pd.unique(libs):
+        idx = np.flatnonzero(libs.to_numpy() == lib)
+        sf = table.uns.get(SPATIAL_KEY, {}).get(lib, {}).get("scalefactors", {})
+        if is_spatialdata(data):
+            from spatialdata.models import get_table_keys
+            from spatialdata.transformations import get_transformation
+
+            _, _, inst_key = get_table_keys(table)
+            assert_key_in(data.shapes, lib, where="sdata.shapes", hint="The table's regions must be shape elements.")
+            shapes = data.shapes[lib]
+            geo = shapes.loc[table.obs[inst_key].to_numpy()[idx]]
+            if "radius" in geo:
+                xy = np.c_[geo.geometry.x.to_numpy(), geo.geometry.y.to_numpy()]
+                d_native = 2 * float(np.median(geo["radius"]))
+            else:  # polygons: centroids, side from the area
+                cen = geo.geometry.centroid
+                xy = np.c_[cen.x.to_numpy(), cen.y.to_numpy()]
+                d_native = float(np.median(np.sqrt(geo.geometry.area)))
+            d_um = sf.get("spot_diameter_um")
+            if d_um is None or d_native <= 0:
+                msg = (f"Section {lib!r}: µm per coordinate unit unknown (table.uns['spatial'][{lib!r}]['scalefactors'] "
+                       "lacks spot_diameter_um); read the data with si.io readers.")
+                raise ValueError(msg)
+            out.append(NativeUnits(str(lib), idx, xy, float(d_um) / d_native, get_transformation(shapes, get_all=True)))
+        else:
+            assert_key_in(table.obsm, SPATIAL_KEY, where="adata.obsm", hint="Unit centres are needed (obsm['spatial']).")
+            xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[idx, :2]
+            if "microns_per_pixel" in sf:
+                mpp = float(sf["microns_per_pixel"])
+            elif sf.get("spot_diameter_fullres") and sf.get("spot_diameter_um"):
+                mpp = float(sf["spot_diameter_um"]) / float(sf["spot_diameter_fullres"])
+            else:
+                msg = (f"Section {lib!r}: µm per pixel unknown; set adata.uns['spatial'][{lib!r}]['scalefactors']"
+                       "['microns_per_pixel'].")
+                raise ValueError(msg)
+            out.append(NativeUnits(str(lib), idx, xy, mpp, None))
+    return out

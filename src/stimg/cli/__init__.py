@@ -72,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # a usage error: exit 2, as argparse does
+        parser.print_help(sys.stderr)
+        print("\nstimg: error: a command is required, e.g. `stimg demo`.", file=sys.stderr)
+        return 2
     if args.command == "demo":
         from ._demo import demo
 

@@ -116,7 +116,7 @@ def demo(args: argparse.Namespace) -> int:
             si.pp.select_genes(table, args.n_genes, method="hvg", subset=train)
             genes = list(table.var_names[table.var["si_target"].to_numpy(bool)])
         with steps("ridge"):
-            ridge = si.models.RidgeRegressor().fit(table, key, train_mask=train_mask)
+            ridge = si.models.RidgeRegressor().fit(table, key, train_indices=train_mask)
             si.tl.predict_expression(table, ridge, key_added="si_pred_ridge")
             res["ridge"] = si.tl.evaluate(table, pred_layer="si_pred_ridge", genes=genes, mask=test_mask,
                                           key_added="si_eval_ridge")

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .._logging import logger
 from .._settings import settings
+from .._utils import warn
 from ..io._convert import SectionData, to_anndata, to_spatialdata
 from ..io._legacy_st import legacy_st_section
 from ._fetch import fetch
@@ -49,7 +50,14 @@ def _file(rel: str, remote: str | None) -> str:
 def _check_sections(section: str | Sequence[str] | None) -> list[str]:
     if section is None:
         return list(SECTIONS)
-    secs = [section] if isinstance(section, str) else list(section)
+    if isinstance(section, str):
+        secs = [section]
+    elif isinstance(section, Sequence) and all(isinstance(s, str) for s in section):
+        secs = list(section)
+    else:
+        msg = (f"section must be a section name such as 'C2' or a list of names, got {section!r} "
+               f"({type(section).__name__}). Known sections: {', '.join(SECTIONS)}.")
+        raise TypeError(msg)
     if not secs:
         msg = "No section given; pass e.g. section='C2' or a list of sections."
         raise ValueError(msg)
@@ -203,6 +211,9 @@ def her2st(
     >>> adata = si.datasets.her2st(["C2", "C3"], as_anndata=True)  # doctest: +SKIP
     """
     secs = _check_sections(section)
+    if image and (no_image := [s for s in secs if s not in _IMAGES]):
+        warn(f"HER2ST section(s) {no_image} have no public H&E image and are read as counts only (sections with "
+             f"images: {', '.join(SECTIONS_WITH_IMAGE)}); pass image=False to read counts only without this warning.")
     data = []
     for s in secs:
         data.append(her2st_section(s, image=image, extras=extras))

@@ -7,7 +7,28 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import SPATIAL_KEY, ST_SPOT_DIAMETER_UM
+from .._utils import warn
 from ..io._convert import SectionData, to_anndata, to_spatialdata
+
+_NOISE_ROWS = 256  # rows of pixel noise drawn at a time (the image is the only full-size array)
+_WARN_BYTES = 2e9
+
+
+def _image(xy: np.ndarray, tint: np.ndarray, side: int, pitch_px: float, rng: np.random.Generator) -> np.ndarray:
+    """H&E-like ``(y, x, 3)`` uint8 image: a tinted square per spot plus pixel noise, built in place."""
+    h = w = int((side + 1) * pitch_px)
+    if (nbytes := h * w * 3) > _WARN_BYTES:
+        warn(f"synthetic image of {h}×{w} px ({nbytes / 1e9:.1f} GB; it grows with n_spots × (pitch_um / mpp)²); "
+             "pass image=False, a larger mpp or fewer spots for a smaller one.")
+    img = np.full((h, w, 3), 240, np.uint8)
+    r = int(round(pitch_px / 2))
+    for (x, y), c in zip(xy.astype(int), tint, strict=True):
+        img[max(0, y - r):y + r, max(0, x - r):x + r] = c
+    for y0 in range(0, h, _NOISE_ROWS):
+        block = img[y0:y0 + _NOISE_ROWS]
+        noise = rng.integers(-12, 13, size=block.shape, dtype=np.int16)
+        block[:] = np.clip(block.astype(np.int16) + noise, 0, 255)
+    return img
 
 
 def synthetic(
@@ -46,7 +67,10 @@ def synthetic(
     embedding_dim
         Width of ``obsm['X_synthetic']``.
     image
-        Draw an H&E-like image (skip for very large ``n_spots``).
+        Draw an H&E-like image of ``((⌈√n_spots⌉ + 1) · pitch_um / mpp)²`` pixels per section
+        (3 bytes each; warns above 2 GB). Peak memory is about twice the image (a transient copy
+        while it is chunked for SpatialData or downsampled for AnnData), one image after; skip it
+        for very large ``n_spots``.
     mpp
         µm per pixel of the image.
     pitch_um
@@ -118,16 +142,7 @@ def synthetic(
         ad_.obsm[SPATIAL_KEY] = xy
         ad_.obsm["X_synthetic"] = emb
         ad_.obsm["cell_type_fractions"] = frac.astype(np.float32)
-        img = None
-        if image:
-            h, w = int((side + 1) * pitch_px), int((side + 1) * pitch_px)
-            img = np.full((h, w, 3), 240, np.uint8)
-            r = int(round(pitch_px / 2))
-            tint = (frac @ colors * 255).astype(np.uint8)
-            for (x, y), c in zip(xy.astype(int), tint, strict=True):
-                img[max(0, y - r):y + r, max(0, x - r):x + r] = c
-            noise = rng.integers(-12, 13, size=img.shape, dtype=np.int16)
-            img = np.clip(img.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+        img = _image(xy, (frac @ colors * 255).astype(np.uint8), side, pitch_px, rng) if image else None
         sections.append(SectionData(lid, ad_, img, mpp, spot_diameter_um, {"technology": "synthetic"}))
     data = to_anndata(sections) if as_anndata else to_spatialdata(sections)
     if not reference:

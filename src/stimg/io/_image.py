@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._rgb import to_rgb8
+
 
 @contextmanager
 def _allow_large_images():
@@ -26,7 +28,8 @@ def read_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
     """Return ``image`` (a path or an array) as a ``(y, x, 3)`` uint8 RGB array.
 
     Large scans (e.g. 92-megapixel JPEGs) are allowed for this read only; grey images are
-    expanded to RGB, alpha is dropped and float images in [0, 1] are rescaled.
+    expanded to RGB, RGBA is composited over white, float images in [0, 1] and 16-bit images are
+    rescaled; other layouts and dtypes are refused with an error naming the fix.
 
     Parameters
     ----------
@@ -47,7 +50,7 @@ def read_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
     Examples
     --------
     >>> import numpy as np, stimg as si
-    >>> si.io.read_image(np.zeros((4, 5), np.uint8)).shape
+    >>> si.io.read_image(np.ones((4, 5, 3), np.float32)).shape  # float in [0, 1] → uint8
     (4, 5, 3)
     """
     if isinstance(image, np.ndarray):
@@ -65,19 +68,11 @@ def read_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             msg = f"Could not read image {str(path)!r} ({e}). Pass a JPEG/PNG/TIFF file or an RGB array."
             raise ValueError(msg) from e
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        msg = f"Image must have shape (y, x, 3) (RGB), got {arr.shape}."
+    if arr.ndim != 2 and (arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4)):
+        msg = f"Image must have shape (y, x, 3) (RGB), (y, x, 4) (RGBA) or (y, x) (grey), got {arr.shape}."
         raise ValueError(msg)
-    arr = arr[..., :3]
-    if arr.dtype != np.uint8:
-        a = np.asarray(arr, dtype=np.float64)
-        if not np.isfinite(a).all():
-            msg = "Image has non-finite values."
-            raise ValueError(msg)
-        a = a * 255.0 if a.max() <= 1.0 else a
-        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    where = "the image array" if isinstance(image, np.ndarray) else f"image {str(image)!r}"
+    arr = np.moveaxis(to_rgb8(arr, where=where, channel_axis=-1), 0, -1)
     return np.ascontiguousarray(arr)
 
 

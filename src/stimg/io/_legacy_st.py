@@ -11,10 +11,25 @@ from anndata import AnnData
 
 from .._constants import SPATIAL_KEY, ST_SPOT_DIAMETER_UM, ST_SPOT_PITCH_UM
 from .._logging import logger
+from .._utils import warn
 from ._convert import SectionData, to_anndata, to_spatialdata
 from ._image import read_image
 
 PathLike = str | os.PathLike
+_DROP_WARN = 0.05  # warn when more than this fraction (and > 2) of count or spot rows has no partner
+
+
+def _read_tsv(path: Path, what: str, **kwargs) -> pd.DataFrame:
+    """``pd.read_csv`` of a (possibly gzipped) TSV whose errors name the file and the fix."""
+    import zlib
+
+    try:
+        return pd.read_csv(path, sep="\t", **kwargs)
+    except (EOFError, OSError, zlib.error, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        size = path.stat().st_size
+        msg = (f"Could not read the {what} file {str(path)!r} ({size} bytes): {type(e).__name__}: {e}. The file is "
+               "truncated or corrupt; download it again (delete it to let stimg re-download a public data set).")
+        raise ValueError(msg) from None
 
 
 def _read_counts(counts: PathLike | pd.DataFrame) -> pd.DataFrame:
@@ -25,7 +40,7 @@ def _read_counts(counts: PathLike | pd.DataFrame) -> pd.DataFrame:
         if not path.exists():
             msg = f"Counts file {str(path)!r} does not exist."
             raise FileNotFoundError(msg)
-        df = pd.read_csv(path, sep="\t", index_col=0)
+        df = _read_tsv(path, "counts", index_col=0)
     if df.shape[0] == 0 or df.shape[1] == 0:
         msg = f"Counts table is empty (shape {df.shape}); expected spots × genes."
         raise ValueError(msg)
@@ -48,7 +63,7 @@ def _read_spots(spots: PathLike | pd.DataFrame) -> pd.DataFrame:
         if not path.exists():
             msg = f"Spot file {str(path)!r} does not exist."
             raise FileNotFoundError(msg)
-        df = pd.read_csv(path, sep="\t")
+        df = _read_tsv(path, "spot")
     need = {"x", "y", "pixel_x", "pixel_y"}
     if missing := need - set(df.columns):
         msg = f"Spot table lacks columns {sorted(missing)}; it has {list(df.columns)}. Expected the ST spot-detector format."
@@ -127,7 +142,11 @@ def legacy_st_section(
     spt = _read_spots(spots)
     common = cnt.index.intersection(spt.index)
     no_spot, no_counts = cnt.index.difference(spt.index), spt.index.difference(cnt.index)
-    if len(no_spot) or len(no_counts):
+    if len(common) and (len(no_spot) > max(2, _DROP_WARN * len(cnt)) or len(no_counts) > max(2, _DROP_WARN * len(spt))):
+        warn(f"{library_id}: kept {len(common)} spots; dropped {len(no_spot)} of {len(cnt)} count rows without a "
+             f"spot-file row and {len(no_counts)} of {len(spt)} (selected) spot rows without counts. Check that the "
+             "counts and spot files belong to the same section (ids are '{x}x{y}' grid positions).")
+    elif len(no_spot) or len(no_counts):
         logger.info(
             "%s: dropped %d count rows without a spot-file row and %d spot rows without counts",
             library_id, len(no_spot), len(no_counts),

@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 from .._logging import logger
 from .._spatial import Section
 
+_MAX_CROP_BYTES = 2**30  # one patch's crop at image resolution: refuse larger windows (a unit mix-up)
+
 
 class _InMemoryChunks:
     """Window reads straight from the chunks of an in-memory dask array (no copy, no scheduler).
@@ -120,10 +122,14 @@ class PatchDataset(Dataset):
         self.obs_names = np.asarray(obs_names)[self.obs_index]
         self._section = np.concatenate([np.full(s.n_obs, k) for k, s in enumerate(sections)])
         self.centers = np.concatenate([s.xy for s in sections]).astype(np.float64)
-        win = np.concatenate([np.full(s.n_obs, self.patch_um / s.mpp) for s in sections])
+        self.mpp = np.concatenate([np.full(s.n_obs, s.mpp, dtype=np.float64) for s in sections])
+        win = self.patch_um / self.mpp
+        if len(win) and (big := float(win.max())) ** 2 * 3 > _MAX_CROP_BYTES:  # before any crop is allocated
+            k = int(np.argmax(win))
+            msg = (f"patch_um={self.patch_um:g} µm is a window of {big:.0f} px per side at {self.mpp[k]:g} µm/px "
+                   f"({big * big * 3 / 1e9:.1f} GB per patch); patch_um is the patch side in µm (HEST uses 112).")
+            raise ValueError(msg)
         self.window_px = np.maximum(1, np.rint(win)).astype(int)
-        self.mpp = np.concatenate([np.full(s.n_obs, s.mpp) for s in sections])
-
     def __len__(self) -> int:
         return len(self.obs_index)
 

@@ -65,6 +65,9 @@ def predict_expression(
     """
     start = time.perf_counter()
     table = get_table(data, table_key)
+    if table.n_obs == 0:
+        msg = "The table has no spots (n_obs == 0): nothing to predict; check the filtering that produced it."
+        raise ValueError(msg)
     if not hasattr(model, "predict"):
         msg = f"{type(model).__name__} has no predict(adata) method; pass a trained stimg model."
         raise TypeError(msg)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
+from ..._docs import d
 from ..._logging import logger
 from ..._prediction import ExpressionPrediction
 from ..._utils import progress_bar
+from .._base import ModelIO, check_trained, resolve_train_indices, train_defaults
 from ._conformal import (
     ConformalCalibration,
     coverage_scores,
@@ -21,10 +21,18 @@ from ._conformal import (
     resolve_calibrated,
     training_groups,
 )
-from ._model import NBRegressor, _interval, _moments
+from ._model import (
+    NBRegressor,
+    _check_level,
+    _check_scale,
+    _get_calibration,
+    _interval,
+    _moments,
+    _put_calibration,
+)
 
 
-class NBEnsemble:
+class NBEnsemble(ModelIO):
     """M :class:`NBRegressor` members with different seeds and, optionally, different encoders.
 
     For each spot and gene (STImage, law of total variance): the prediction is the mean of the
@@ -40,7 +48,7 @@ class NBEnsemble:
     n_members
         Number of members M.
     seeds
-        One seed per member (default ``0 … M−1``).
+        One seed per member (default ``s … s+M−1`` with ``s`` = :attr:`stimg.settings.seed`).
     embedding_keys
         ``.obsm`` keys of different encoders, cycled over the members (deep ensemble over
         encoders, as FSTImage); ``None`` uses the registered key for all.
@@ -57,12 +65,14 @@ class NBEnsemble:
     >>> pred = ens.predict(adata)  # doctest: +SKIP
     >>> pred.epistemic.shape  # doctest: +SKIP
     (200, 20)
+    >>> ens.save("ensemble.stimg")  # one file; load it without the training table  # doctest: +SKIP
+    >>> si.models.NBEnsemble.load("ensemble.stimg").predict(new_adata)  # doctest: +SKIP
     """
 
     def __init__(self, adata: AnnData, *, n_members: int = 5, seeds: Sequence[int] | None = None,
                  embedding_keys: Sequence[str] | None = None, **model_kwargs: Any):
         if seeds is None:
-            seeds = list(range(int(n_members)))
+            seeds = [train_defaults().seed + i for i in range(int(n_members))]
         seeds = [int(s) for s in seeds]
         if len(seeds) < 2:
             msg = f"an ensemble needs at least 2 members, got {len(seeds)}."
@@ -84,7 +94,7 @@ class NBEnsemble:
             NBRegressor.setup_anndata(adata, **args)
         self.adata = adata
         self.seeds = seeds
-        self.embedding_keys = [m.adata_manager.registry["setup_args"]["embedding_key"] for m in self.members]
+        self.embedding_keys = [m.setup_args_["embedding_key"] for m in self.members]
         self.genes_ = list(self.members[0].genes_)
         self.calibration_: ConformalCalibration | None = None
 
@@ -107,7 +117,7 @@ class NBEnsemble:
         obj = cls.__new__(cls)
         obj.members, obj.adata, obj.genes_ = members, members[0].adata, genes
         obj.seeds = [m.seed_ for m in members]
-        obj.embedding_keys = [m.adata_manager.registry["setup_args"]["embedding_key"] for m in members]
+        obj.embedding_keys = [m.setup_args_["embedding_key"] for m in members]
         obj.calibration_ = None
         return obj
 
@@ -118,28 +128,59 @@ class NBEnsemble:
         return (f"NBEnsemble of {len(self)} NBRegressor members, {len(self.genes_)} genes, "
                 f"encoders {sorted(set(self.embedding_keys))}")
 
-    def train(self, *, progress: bool | None = None, **train_kwargs: Any) -> None:
-        """Train every member (each with its own seed); arguments as :meth:`NBRegressor.train`.
+    @property
+    def is_trained_(self) -> bool:
+        """Whether every member is trained."""
+        return all(m.is_trained_ for m in self.members)
+
+    @d.dedent
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        train_indices: Sequence[int] | np.ndarray | str | None = None,
+        accelerator: str | None = None,
+        devices: int | str | list[int] | None = None,
+        seed: int | None = None,
+        progress: bool | None = None,
+        **train_kwargs: Any,
+    ) -> None:
+        """Train every member; arguments as :meth:`NBRegressor.train`.
+
+        Parameters
+        ----------
+        %(max_epochs)s
+        %(train_indices)s
+        %(accelerator)s
+        %(devices)s
+        seed
+            ``None``: each member trains with its own seed; an integer ``s``: member ``i`` uses ``s + i``.
+        progress
+            One progress bar over the members; ``None`` uses :attr:`stimg.settings.progress`.
+        **train_kwargs
+            Passed to :meth:`NBRegressor.train`.
 
         Examples
         --------
-        >>> ens.train(max_epochs=200, accelerator="cpu", train_indices=idx)  # doctest: +SKIP
+        >>> ens.train(max_epochs=200, accelerator="cpu", train_indices="si_sampled")  # doctest: +SKIP
         """
         start = time.perf_counter()
         train_kwargs.setdefault("progress", False)
-        for m in progress_bar(self.members, desc="Training ensemble members", progress=progress):
-            m.train(**train_kwargs)
+        for i, m in enumerate(progress_bar(self.members, desc="Training ensemble members", progress=progress)):
+            m.train(max_epochs, train_indices=train_indices, accelerator=accelerator, devices=devices,
+                    seed=None if seed is None else int(seed) + i, **train_kwargs)
         self.calibration_ = None
         logger.info("trained %d NB members in %.1fs", len(self), time.perf_counter() - start)
 
     def calibrate(self, groups: str | Sequence | np.ndarray | None = "library_id", *,
-                  calibration_indices: Sequence[int] | np.ndarray | None = None, per_gene: bool = False,
+                  calibration_indices: Sequence[int] | np.ndarray | str | None = None, per_gene: bool = False,
                   progress: bool | None = None) -> NBEnsemble:
         """Conformally calibrate :meth:`predict_interval` (as :meth:`NBRegressor.calibrate`, for the mixture).
 
         Cross-conformal over ``groups``: every training section is predicted by an ensemble of the
         same members (settings and seeds) trained on the other sections — ``M`` extra trainings per
-        section; or split-conformal on ``calibration_indices`` held out of training.
+        section; or split-conformal on ``calibration_indices`` held out of training. The
+        calibration is saved with the ensemble.
 
         Parameters
         ----------
@@ -163,16 +204,15 @@ class NBEnsemble:
         >>> ens.calibrate("library_id")  # leave-one-section-out over the training sections  # doctest: +SKIP
         >>> lo, hi = ens.predict_interval(new, level=0.9)  # doctest: +SKIP
         """
-        if not all(getattr(m, "is_trained_", False) for m in self.members):
-            msg = "train the ensemble before calibrating it."
-            raise RuntimeError(msg)
+        check_trained(self, "calibrate")
         first = self.members[0]
         adata = first.adata
+        if first.adata_manager is None:
+            msg = "calibration needs the training table; load the ensemble with it: NBEnsemble.load(path, adata)."
+            raise RuntimeError(msg)
+        used = np.unique(np.concatenate([m._used_rows() for m in self.members]))
         if calibration_indices is not None:
-            from ..._validate import check_indices
-
-            held = check_indices(calibration_indices, adata.n_obs, "calibration_indices")
-            used = np.concatenate([np.r_[m.train_indices_, m.validation_indices_] for m in self.members])
+            held = resolve_train_indices(adata, calibration_indices, name="calibration_indices")
             if (seen := np.intersect1d(held, used)).size:
                 msg = (f"{seen.size} calibration spots were used in training; pass spots held out of training "
                        "(train with train_indices= excluding them).")
@@ -181,14 +221,13 @@ class NBEnsemble:
             scores = coverage_scores(r, b, first._observed_counts(held))
             self.calibration_ = ConformalCalibration.from_scores(scores, method="split", per_gene=per_gene)
             return self
-        rows = np.unique(np.concatenate([np.r_[m.train_indices_, m.validation_indices_] for m in self.members]))
-        labels = training_groups(adata, groups, rows)
+        labels = training_groups(adata, groups, used)
 
         def fit_params(fit, held):
             params = [m._fit_fold(fit).get_nb_params(adata[held]) for m in self.members]
             return np.stack([p[0] for p in params]), np.stack([p[1] for p in params])
 
-        self.calibration_ = cross_conformal(fit_params, first._observed_counts, rows, labels, per_gene=per_gene,
+        self.calibration_ = cross_conformal(fit_params, first._observed_counts, used, labels, per_gene=per_gene,
                                             progress=progress)
         return self
 
@@ -204,6 +243,7 @@ class NBEnsemble:
         --------
         >>> preds = ens.member_predictions(adata)  # doctest: +SKIP
         """
+        check_trained(self)
         return [m.predict(adata, scale=scale, **kwargs) for m in self.members]
 
     def predict(self, adata: AnnData | None = None, *, scale: str = "log1p", **kwargs: Any) -> ExpressionPrediction:
@@ -223,6 +263,8 @@ class NBEnsemble:
         >>> pred = ens.predict(adata)  # doctest: +SKIP
         >>> si.tl.predict_expression(adata, ens)  # doctest: +SKIP
         """
+        check_trained(self)
+        _check_scale(scale)
         means, variances = [], []
         for m in self.members:
             r, b = m.get_nb_params(adata, **kwargs)
@@ -258,40 +300,32 @@ class NBEnsemble:
         >>> lo, hi = ens.predict_interval(adata, level=0.9)  # doctest: +SKIP
         >>> lo, hi = ens.predict_interval(adata, level=0.9, calibrated=False)  # raw NB mixture  # doctest: +SKIP
         """
+        check_trained(self)
+        _check_level(level)
         cal = resolve_calibrated(self, calibrated)
         r, b = self._params(adata, **kwargs)
         return _interval(r, b, level, cal)
 
-    def save(self, dir_path: str | Path, *, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """Save every member to ``dir_path/member_<i>`` plus ``ensemble.json``.
 
-        Examples
-        --------
-        >>> ens.save("nb_ensemble", overwrite=True)  # doctest: +SKIP
-        """
-        d = Path(dir_path)
-        if d.exists() and not overwrite and any(d.iterdir()):
-            msg = f"{d} exists and is not empty; pass overwrite=True."
-            raise ValueError(msg)
-        d.mkdir(parents=True, exist_ok=True)
+    # ------------------------------------------------------------------ persistence
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        headers, tensors = [], {}
         for i, m in enumerate(self.members):
-            m.save(str(d / f"member_{i}"), overwrite=True, save_anndata=save_anndata)
-        (d / "ensemble.json").write_text(json.dumps({"n_members": len(self), "seeds": self.seeds,
-                                                     "embedding_keys": self.embedding_keys}))
+            h, t = m._get_state()
+            headers.append(h)
+            tensors.update({f"member{i}.{k}": v for k, v in t.items()})
+        header = {"members": headers, "seeds": list(self.seeds), "embedding_keys": list(self.embedding_keys)}
+        _put_calibration(self.calibration_, header, tensors)
+        return header, tensors
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | None = None, **kwargs: Any) -> NBEnsemble:
-        """Load an ensemble written by :meth:`save` (``kwargs`` go to :meth:`NBRegressor.load`).
-
-        Examples
-        --------
-        >>> ens = si.models.NBEnsemble.load("nb_ensemble", adata)  # doctest: +SKIP
-        """
-        d = Path(dir_path)
-        meta_path = d / "ensemble.json"
-        if not meta_path.exists():
-            msg = f"{meta_path} not found: not a directory written by NBEnsemble.save."
-            raise FileNotFoundError(msg)
-        meta = json.loads(meta_path.read_text())
-        members = [NBRegressor.load(str(d / f"member_{i}"), adata=adata, **kwargs) for i in range(meta["n_members"])]
-        return cls.from_members(members)
+    def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: AnnData | None = None,
+                    **kwargs: Any) -> NBEnsemble:
+        members = []
+        for i, h in enumerate(header["members"]):
+            pre = f"member{i}."
+            t = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            members.append(NBRegressor._from_state(h, t, adata, **kwargs))
+        obj = cls.from_members(members)
+        obj.calibration_ = _get_calibration(header, tensors)
+        return obj
