@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +252,9 @@ def _write_tiles(tiles, path: Path, args: argparse.Namespace, wsi: dict) -> Path
         shutil.rmtree(path)
     out = SpatialData(shapes=dict(tiles.shapes), tables=dict(tiles.tables))
     out.attrs["stimg_wsi"] = {k: list(map(list, v)) if k == "level_shapes" else v for k, v in wsi.items()}
-    out.write(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*autosharding.*")  # zarr's note on a future default
+        out.write(path)
     return path
 
 
