@@ -37,10 +37,11 @@ def _refs(text: str) -> set[str]:
 
 
 def _public_docstrings():
-    """(where, docstring) of every public function/class/method and of every stimg module."""
+    """(where, docstring) of every public function/class/method and of every public stimg module."""
+    yield "stimg", si.__doc__ or ""
     for mod in pkgutil.walk_packages(si.__path__, "stimg."):
-        if mod.name.endswith("__main__"):
-            continue
+        if any(part.startswith("_") for part in mod.name.split(".")):
+            continue  # private modules (and __main__) are not documented
         m = importlib.import_module(mod.name)
         yield mod.name, m.__doc__ or ""
     for ns in _NAMESPACES:

@@ -1,4 +1,4 @@
-"""Readers and writers."""
+"""Readers: legacy ST / HER2ST, Visium, Visium HD, Xenium, H&E images and whole-slide images."""
 
 from ._image import read_image
 from ._legacy_st import estimate_mpp, read_legacy_st

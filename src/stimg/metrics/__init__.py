@@ -1,4 +1,4 @@
-"""Metrics defined once: regression, spatial, retrieval, uncertainty."""
+"""Metrics defined once: regression (PCC, MSE, MAE), spatial (Moran's I, pattern IoU), uncertainty calibration."""
 
 from ._regression import PearsonResult, mae, mse, pearson
 from ._spatial import morans_i, pattern_iou

@@ -1,4 +1,4 @@
-"""Plotting: spatial maps over the H&E, patch galleries, curves."""
+"""Plotting: spatial maps over the H&E, uncertainty maps, patch galleries, sampling curves."""
 
 from ._sampling import sampling_curve
 from ._spatial import patches, spatial
