@@ -90,3 +90,24 @@ def test_demo_end_to_end_reduced(datadir, tmp_path, capsys):
         assert (tmp_path / f).stat().st_size > 100, f
     assert "demo_C6_spatial.png" in (tmp_path / "report.md").read_text()
     assert list((tmp_path / "feature_cache").glob("*.npz"))
+
+
+@pytest.mark.filterwarnings("ignore:zarr v3 autosharding")
+def test_train_from_files(tmp_path, capsys):
+    """`stimg train --data` reads a SpatialData .zarr or an AnnData .h5ad with counts and images."""
+    import stimg as si
+
+    sdata = si.datasets.synthetic(48, 6, n_sections=2, mpp=4.0)
+    sdata.write(tmp_path / "syn.zarr")
+    assert main(["train", "--data", str(tmp_path / "syn.zarr"), "--model", "ridge", "--genes", "gene_0", "gene_1", "gene_2", "gene_3", "--patch-px",
+                 "32", "--min-tissue", "0", "--out", str(tmp_path / "ridge.stimg"), "--no-progress", "--quiet"]) == 0
+    ridge = si.models.load_model(tmp_path / "ridge.stimg")
+    assert type(ridge).__name__ == "RidgeRegressor" and len(ridge.var_names_) == 4
+    assert ridge.embedding_provenance_["patch_px"] == 32
+    adata = si.datasets.synthetic(48, 6, n_sections=2, mpp=4.0, as_anndata=True)
+    adata.write_h5ad(tmp_path / "syn.h5ad")
+    assert main(["train", "--data", str(tmp_path / "syn.h5ad"), "--genes", "gene_0", "gene_1", "--members", "2",
+                 "--no-calibrate", "--patch-px", "32", "--min-tissue", "0", "--out", str(tmp_path / "nb.stimg"),
+                 "--no-progress", "--quiet"]) == 0
+    assert "uncalibrated" in capsys.readouterr().out
+    assert si.models.load_model(tmp_path / "nb.stimg").genes_ == ["gene_0", "gene_1"]

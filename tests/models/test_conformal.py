@@ -112,3 +112,22 @@ def test_split_conformal_regressor_and_bad_input(trained):
     assert m.calibration_.method == "split" and m.calibration_.per_gene
     lo, hi = m.predict_interval(adata[lib == "S3"], level=0.8)
     assert lo.shape == (int((lib == "S3").sum()), 8)
+
+
+def test_finetuner_split_conformal_saved(tmp_path):
+    sdata = si.datasets.synthetic(48, 4, n_sections=2, mpp=4.0)
+    table = sdata.tables["table"]
+    held = (table.obs["library_id"].astype(str) == "S1").to_numpy()
+    m = si.models.NBFinetuner(sdata, target_key=None, patch_px=32, input_px=32, pretrained=False, n_hidden=8)
+    m.train(max_epochs=1, batch_size=16, accelerator="cpu", early_stopping=False, validation_size=0,
+            train_indices=~held)
+    with pytest.raises(ValueError, match="used in training"):
+        m.calibrate(calibration_indices=~held)
+    m.calibrate(calibration_indices=held)
+    assert m.calibration_.method == "split" and int(m.calibration_.n_scores[0]) == held.sum() * 4
+    lo, hi = m.predict_interval(sdata, level=0.9)
+    raw = m.predict_interval(sdata, level=0.9, calibrated=False)
+    assert lo.shape == (table.n_obs, 4) and (lo <= hi).all()
+    back = si.models.NBFinetuner.load(m.save(tmp_path / "ft.stimg"))
+    assert np.array_equal(back.predict_interval(sdata, level=0.9)[1], hi)
+    assert back.calibration_ is not None and raw[1].shape == hi.shape
