@@ -285,7 +285,12 @@ class NBRegressor(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), stop, restore_best("elbo_validation")]
         if val.size:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        with quiet_lightning(), torch.random.fork_rng():
+        from contextlib import nullcontext
+
+        from ..._utils import resolve_device, torch_threads
+
+        small = torch_threads(len(tr)) if resolve_device(defaults.accelerator).type == "cpu" else nullcontext()
+        with quiet_lightning(), torch.random.fork_rng(), small:
             torch.manual_seed(defaults.seed)
             super().train(
                 max_epochs=max_epochs, accelerator=defaults.accelerator, devices=defaults.devices,
