@@ -1,4 +1,4 @@
-"""Plotting: spatial maps over the H&E, patch galleries, curves."""
+"""Plotting: spatial maps over the H&E, uncertainty maps, patch galleries, sampling curves."""
 
 from ._annotation import annotation_curve, confusion
 from ._explain import explain

@@ -1,4 +1,4 @@
-"""Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings."""
+"""Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings, pseudo-spots, tiles."""
 
 from ._context import (
     ContextMethod,

@@ -1,4 +1,4 @@
-"""Tools: prediction, evaluation, active sampling, annotation, alignment."""
+"""Tools: prediction, evaluation, high/low classification, patient splits, active sampling."""
 
 from .._prediction import ExpressionPrediction
 from ._active_sample import active_sample

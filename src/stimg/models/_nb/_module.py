@@ -180,7 +180,8 @@ def nb_mixture_quantiles(r: np.ndarray, logits: np.ndarray, qs: tuple[float, ...
                          n_exact: int = 64, n_log: int = 192, block_elems: int = 2**22) -> list[np.ndarray]:
     """Quantiles of the equal-weight mixture of M NB distributions.
 
-    ``r``, ``logits``: ``(M, n, g)``. Returns one ``(n, g)`` array per level: the smallest count
+    ``r``, ``logits``: ``(M, n, g)``. ``qs``: levels, each a float or a ``(g,)`` array (one level per
+    gene, e.g. conformally calibrated). Returns one ``(n, g)`` array per level: the smallest count
     whose mixture CDF reaches it (exact below ``n_exact``; on the log grid above).
     """
     r_t = torch.as_tensor(r, dtype=torch.float64)
@@ -188,6 +189,11 @@ def nb_mixture_quantiles(r: np.ndarray, logits: np.ndarray, qs: tuple[float, ...
     M, n, g = r_t.shape
     mean, var = nb_mean_var(r_t, b_t)
     outs = [torch.empty(n, g, dtype=torch.float64) for _ in qs]
+    q_t = [torch.as_tensor(np.asarray(q, dtype=np.float64)) for q in qs]
+    for q in q_t:
+        if q.ndim not in (0, 1) or (q.ndim == 1 and q.shape[0] != g):
+            msg = f"each level must be a float or one level per gene ({g}), got shape {tuple(q.shape)}."
+            raise ValueError(msg)
     for cols, kmax in _gene_blocks((mean + n_sd * var.sqrt()).amax((0, 1)), 16):
         y, lw = _nodes(kmax, n_exact, n_log)
         rows = max(1, block_elems // (M * len(cols) * len(y)))
@@ -195,8 +201,9 @@ def nb_mixture_quantiles(r: np.ndarray, logits: np.ndarray, qs: tuple[float, ...
             lp = _weighted_logpmf(y, lw, r_t[:, i:i + rows][:, :, cols].unsqueeze(-1),
                                   b_t[:, i:i + rows][:, :, cols].unsqueeze(-1))
             cdf = lp.exp().mean(0).cumsum(-1)
-            for o, q in zip(outs, qs, strict=True):
-                k = (cdf < q - 1e-12).sum(-1).clamp_max(len(y) - 1)
+            for o, q in zip(outs, q_t, strict=True):
+                qc = q if q.ndim == 0 else q[cols].unsqueeze(-1)
+                k = (cdf < qc - 1e-12).sum(-1).clamp_max(len(y) - 1)
                 o[i:i + rows, cols] = y[k]
     return [o.numpy() for o in outs]
 

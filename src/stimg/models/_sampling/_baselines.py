@@ -6,25 +6,12 @@ one of ``exclude``; only :func:`uncertainty_select` needs torch (imported lazily
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-
-@contextmanager
-def torch_threads(n_obs: int, *, small: int = 50_000) -> Iterator[None]:
-    """Run tiny torch models single-threaded (thread start-up dominates and cores are often shared)."""
-    import torch
-
-    old = torch.get_num_threads()
-    if n_obs < small:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+from ..._utils import torch_threads
 
 
 def _free(n: int, exclude: np.ndarray | None) -> np.ndarray:
