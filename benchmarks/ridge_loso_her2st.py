@@ -98,7 +98,7 @@ def main() -> None:
         # --- stimg path
         ad_ = table.copy()
         si.pp.select_genes(ad_, 50, method="hvg", subset=train_secs)
-        model = si.models.RidgeRegressor().fit(ad_, "X_efficientnet_lite0", train_mask=ad_.obs["library_id"].isin(train_secs).to_numpy())
+        model = si.models.RidgeRegressor().fit(ad_, "X_efficientnet_lite0", train_indices=ad_.obs["library_id"].isin(train_secs).to_numpy())
         si.tl.predict_expression(ad_, model)
         res = si.tl.evaluate(ad_, mask=(ad_.obs["library_id"] == test).to_numpy())
         stimg_pcc = float(res.query("group == @test and metric == 'pcc'")["value"].iloc[0])

@@ -149,7 +149,7 @@ def _pick_image(sdata, region: str, image_key):
 def _scale0(img):
     from spatialdata import get_pyramid_levels
 
-    return get_pyramid_levels(img, n=0) if not hasattr(img, "dims") else img
+    return img if hasattr(img, "shape") else get_pyramid_levels(img, n=0)  # DataArray, or level 0 of a DataTree
 
 
 def _spatialdata_sections(sdata, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image):
@@ -217,3 +217,59 @@ def sections(
     if is_spatialdata(data):
         return _spatialdata_sections(data, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image)
     return _anndata_sections(table, libs, lib_values, image_key, spot_diameter_um, need_image)
+
+
+@dataclass
+class NativeUnits:
+    library_id: str
+    obs_index: np.ndarray  # rows of the unit table
+    xy: np.ndarray  # (n, 2) in the native frame (shapes coordinates / obsm['spatial'] pixels)
+    um_per_unit: float  # µm per native coordinate unit
+    transformations: dict | None  # of the source shapes (SpatialData)
+
+
+def native_units(data: Any, table: AnnData, library_key: str | None = None) -> list[NativeUnits]:
+    """Each section's unit centres in their own frame, with µm per coordinate unit.
+
+    The frame is the shapes' coordinates (SpatialData) or ``obsm['spatial']`` pixels (AnnData);
+    unlike :func:`sections`, no image is involved.
+    """
+    lib_key, libs = library_column(table, library_key)
+    out = []
+    for lib in pd.unique(libs):
+        idx = np.flatnonzero(libs.to_numpy() == lib)
+        sf = table.uns.get(SPATIAL_KEY, {}).get(lib, {}).get("scalefactors", {})
+        if is_spatialdata(data):
+            from spatialdata.models import get_table_keys
+            from spatialdata.transformations import get_transformation
+
+            _, _, inst_key = get_table_keys(table)
+            assert_key_in(data.shapes, lib, where="sdata.shapes", hint="The table's regions must be shape elements.")
+            shapes = data.shapes[lib]
+            geo = shapes.loc[table.obs[inst_key].to_numpy()[idx]]
+            if "radius" in geo:
+                xy = np.c_[geo.geometry.x.to_numpy(), geo.geometry.y.to_numpy()]
+                d_native = 2 * float(np.median(geo["radius"]))
+            else:  # polygons: centroids, side from the area
+                cen = geo.geometry.centroid
+                xy = np.c_[cen.x.to_numpy(), cen.y.to_numpy()]
+                d_native = float(np.median(np.sqrt(geo.geometry.area)))
+            d_um = sf.get("spot_diameter_um")
+            if d_um is None or d_native <= 0:
+                msg = (f"Section {lib!r}: µm per coordinate unit unknown (table.uns['spatial'][{lib!r}]['scalefactors'] "
+                       "lacks spot_diameter_um); read the data with si.io readers.")
+                raise ValueError(msg)
+            out.append(NativeUnits(str(lib), idx, xy, float(d_um) / d_native, get_transformation(shapes, get_all=True)))
+        else:
+            assert_key_in(table.obsm, SPATIAL_KEY, where="adata.obsm", hint="Unit centres are needed (obsm['spatial']).")
+            xy = np.asarray(table.obsm[SPATIAL_KEY], dtype=np.float64)[idx, :2]
+            if "microns_per_pixel" in sf:
+                mpp = float(sf["microns_per_pixel"])
+            elif sf.get("spot_diameter_fullres") and sf.get("spot_diameter_um"):
+                mpp = float(sf["spot_diameter_um"]) / float(sf["spot_diameter_fullres"])
+            else:
+                msg = (f"Section {lib!r}: µm per pixel unknown; set adata.uns['spatial'][{lib!r}]['scalefactors']"
+                       "['microns_per_pixel'].")
+                raise ValueError(msg)
+            out.append(NativeUnits(str(lib), idx, xy, mpp, None))
+    return out

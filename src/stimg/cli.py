@@ -111,7 +111,7 @@ def demo(args: argparse.Namespace) -> int:
     train_mask, test_mask = lib.isin(train).to_numpy(), (lib == test).to_numpy()
     si.pp.select_genes(table, args.n_genes, method="hvg", subset=train)
     step("fit")
-    model = si.models.RidgeRegressor().fit(table, key, train_mask=train_mask)
+    model = si.models.RidgeRegressor().fit(table, key, train_indices=train_mask)
     step("predict")
     si.tl.predict_expression(table, model)
     res = si.tl.evaluate(table, mask=test_mask)

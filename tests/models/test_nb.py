@@ -18,7 +18,7 @@ def adata():
 def _nll(model, adata):
     from stimg.models._nb._module import nb_log_prob
 
-    r, b = model.get_nb_params(adata)
+    r, b = model._nb_params(adata, 1024, "observed")  # also before training
     y = torch.as_tensor(adata.obsm["_si_nb_counts"], dtype=torch.float64)
     return float(-nb_log_prob(y, torch.from_numpy(r), torch.from_numpy(b)).sum(1).mean())
 
@@ -55,10 +55,12 @@ def test_gene_subset_predicts_on_full_table_and_roundtrip(adata, accelerator, tm
     si.tl.predict_expression(new, model)
     assert np.isnan(new.layers["si_pred"][:, ~adata.var["si_target"].to_numpy()]).all()
     assert np.isfinite(new.layers["si_pred"][:, adata.var["si_target"].to_numpy()]).all()
-    model.save(tmp_path / "nb", overwrite=True)
-    loaded = si.models.NBRegressor.load(str(tmp_path / "nb"), adata=adata)
+    model.save(tmp_path / "nb.stimg")
+    loaded = si.models.NBRegressor.load(str(tmp_path / "nb.stimg"))  # no training table needed
+    assert loaded.adata is None
     np.testing.assert_array_equal(loaded.predict(new).mean, model.predict(new).mean)
     assert loaded.genes_ == genes
+    np.testing.assert_array_equal(loaded.train_indices_, model.train_indices_)
 
 
 def test_ensemble_epistemic_ood_save_load(adata, accelerator, tmp_path):
@@ -76,10 +78,10 @@ def test_ensemble_epistemic_ood_save_load(adata, accelerator, tmp_path):
     np.testing.assert_allclose(np.var([m.mean for m in members], 0), pred.epistemic, rtol=1e-4, atol=1e-8)
     lo, hi = ens.predict_interval(adata, level=0.9)
     assert np.all(lo <= hi)
-    ens.save(tmp_path / "ens")
-    with pytest.raises(ValueError, match="overwrite"):
-        ens.save(tmp_path / "ens")
-    loaded = si.models.NBEnsemble.load(tmp_path / "ens", adata)
+    ens.save(tmp_path / "ens.stimg")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        ens.save(tmp_path / "ens.stimg")
+    loaded = si.models.NBEnsemble.load(tmp_path / "ens.stimg", adata)
     np.testing.assert_array_equal(loaded.predict(adata).epistemic, pred.epistemic)
 
 
@@ -117,9 +119,12 @@ def test_setup_validation(adata):
         si.models.NBRegressor.setup_anndata(adata, embedding_key="X_synthetic", genes=["nope"])
     si.models.NBRegressor.setup_anndata(adata, embedding_key="X_synthetic")
     model = si.models.NBRegressor(adata, n_hidden=8)
+    with pytest.raises(RuntimeError, match="not trained"):
+        model.predict(adata)
+    model.train(max_epochs=1, accelerator="cpu", early_stopping=False, validation_size=0)
     wrong = adata.copy()
     wrong.obsm["X_synthetic"] = wrong.obsm["X_synthetic"][:, :5]
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="5 features but the model was trained on 32"):
         model.predict(wrong)
 
 

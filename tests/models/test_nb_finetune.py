@@ -28,7 +28,8 @@ def _model(sdata, **kwargs):
 
 
 def _nll(model, sdata, accelerator):
-    r, b = model.get_nb_params(sdata, accelerator=accelerator)
+    _, rb = model._per_row(sdata, None, "nb", 64, accelerator, 0)  # also before training
+    r, b = rb[:, :len(model.genes_)], rb[:, len(model.genes_):]
     y = torch.as_tensor(sdata["table"].X.toarray(), dtype=torch.float64)
     return float(-nb_log_prob(y, torch.from_numpy(r), torch.from_numpy(b)).sum(1).mean())
 
@@ -90,12 +91,12 @@ def test_save_load_roundtrip(sdata, accelerator, tmp_path):
     m = _model(sdata)
     m.train(max_epochs=1, batch_size=8, accelerator=accelerator, train_indices=np.arange(24), validation_size=0.25)
     assert set(m.train_indices_) | set(m.validation_indices_) == set(range(24))
-    m.save(tmp_path / "ft")
+    m.save(tmp_path / "ft.stimg")
     with pytest.raises(FileExistsError):
-        m.save(tmp_path / "ft")
+        m.save(tmp_path / "ft.stimg")
     with pytest.raises(ValueError, match="encoder="):
-        si.models.NBFinetuner.load(tmp_path / "ft", sdata)
-    m2 = si.models.NBFinetuner.load(tmp_path / "ft", sdata, encoder=_tiny_net(seed=1))
+        si.models.NBFinetuner.load(tmp_path / "ft.stimg", sdata)
+    m2 = si.models.NBFinetuner.load(tmp_path / "ft.stimg", encoder=_tiny_net(seed=1))  # predicts without data
     assert m2.genes_ == m.genes_ and m2.is_trained_ and len(m2.history_) == 1
     a, b = m.predict(sdata), m2.predict(sdata)
     np.testing.assert_array_equal(a.mean, b.mean)
@@ -112,11 +113,13 @@ def test_efficientnet_lite0_roundtrip(accelerator, tmp_path):
     m.train(max_epochs=1, batch_size=8, accelerator=accelerator, train_indices=np.arange(8), early_stopping=False,
             validation_size=0)
     assert not _same(enc0, _state(m.net.encoder))
-    m.save(tmp_path / "lite0")
-    m2 = si.models.NBFinetuner.load(tmp_path / "lite0", sdata)
+    m.save(tmp_path / "lite0.stimg")
+    m2 = si.models.NBFinetuner.load(tmp_path / "lite0.stimg", sdata)
+    m2.train(max_epochs=1, batch_size=8, accelerator=accelerator, early_stopping=False, validation_size=0)
     emb = m.get_embedding(sdata, accelerator=accelerator)
     assert emb.shape == (16, 1280)
-    np.testing.assert_array_equal(emb, m2.get_embedding(sdata, accelerator=accelerator))
+    m3 = si.models.load_model(tmp_path / "lite0.stimg")
+    np.testing.assert_array_equal(emb, m3.get_embedding(sdata, accelerator=accelerator))
 
 
 def test_errors(sdata, tmp_path):
@@ -125,7 +128,9 @@ def test_errors(sdata, tmp_path):
     with pytest.raises(KeyError, match="missing"):
         _model(sdata, genes=["not_a_gene"])
     m = _model(sdata)
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(RuntimeError, match="not trained"):
+        m.predict(sdata)
+    with pytest.raises(ValueError, match="selects no spot"):
         m.train(train_indices=np.zeros(36, bool), accelerator="cpu")
     with pytest.raises(ValueError, match="no training spots"):
         m.train(train_indices=[0], accelerator="cpu")

@@ -14,7 +14,7 @@ def adata():
 
 def test_fit_predict_learns_signal(adata):
     train = adata.obs["library_id"].isin(["S0", "S1"]).to_numpy()
-    model = si.models.RidgeRegressor(n_components=10).fit(adata, "X_synthetic", genes=adata.var_names[:6], train_mask=train)
+    model = si.models.RidgeRegressor(n_components=10).fit(adata, "X_synthetic", genes=adata.var_names[:6], train_indices=train)
     assert model.cv_scheme_ == "LeaveOneGroupOut" and model.alpha_ in model.alphas and model.n_components_ == 10
     pred = model.predict(adata)
     assert pred.scale == "log1p" and pred.mean.shape == (adata.n_obs, 6) and pred.var_names == list(adata.var_names[:6])
@@ -46,12 +46,14 @@ def test_targets_from_select_genes_and_save_load(adata, tmp_path):
     si.pp.select_genes(adata, 4, subset=["S0", "S1"])
     model = si.models.RidgeRegressor(alpha=10.0, n_components=None).fit(adata, "X_synthetic")
     assert model.var_names_ == list(adata.var_names[adata.var["si_target"]]) and model.cv_results_ is None
-    path = tmp_path / "ridge.joblib"
+    path = tmp_path / "ridge.stimg"
     model.save(path)
     with pytest.raises(FileExistsError):
         model.save(path)
     loaded = si.models.RidgeRegressor.load(path)
     np.testing.assert_array_equal(loaded.predict(adata).mean, model.predict(adata).mean)
+    assert loaded.alpha_ == model.alpha_ and loaded.var_names_ == model.var_names_
+    assert si.models.load_model(path).embedding_key_ == "X_synthetic"
 
 
 def test_single_section_uses_kfold():
@@ -65,11 +67,14 @@ def test_errors(adata):
         si.models.RidgeRegressor().fit(adata, "X_synthetic")
     with pytest.raises(KeyError, match="si.pp.embed"):
         si.models.RidgeRegressor().fit(adata, "X_missing", genes=adata.var_names[:2])
-    with pytest.raises(ValueError, match="train_mask"):
-        si.models.RidgeRegressor().fit(adata, "X_synthetic", genes=adata.var_names[:2], train_mask=np.ones(3, bool))
+    with pytest.raises(ValueError, match="one entry per spot"):
+        si.models.RidgeRegressor().fit(adata, "X_synthetic", genes=adata.var_names[:2], train_indices=np.ones(3, bool))
+    with pytest.warns(FutureWarning, match="train_indices"):
+        si.models.RidgeRegressor(n_components=2).fit(adata, "X_synthetic", genes=adata.var_names[:2],
+                                                     train_mask=np.ones(adata.n_obs, bool))
     with pytest.raises(ValueError, match="alpha"):
         si.models.RidgeRegressor(alpha="auto")
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(RuntimeError, match=r"not trained; call .fit"):
         si.models.RidgeRegressor().predict(adata)
     bad = adata.copy()
     bad.obsm["X_synthetic"][0, 0] = np.nan

@@ -102,7 +102,8 @@ def resolve_train_indices(adata: Any, train_indices: Any, *, name: str = "train_
 def check_trained(model: Any, what: str = "predict") -> None:
     """Raise a :class:`RuntimeError` when ``model.is_trained_`` is false."""
     if not getattr(model, "is_trained_", False):
-        msg = f"{type(model).__name__} is not trained; call .train() (or load a saved model) before {what}."
+        how = ".fit(...)" if hasattr(model, "fit") and not hasattr(model, "train") else ".train()"
+        msg = f"{type(model).__name__} is not trained; call {how} (or load a saved model) before {what}."
         raise RuntimeError(msg)
 
 

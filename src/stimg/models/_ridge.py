@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,10 +9,20 @@ import numpy as np
 import pandas as pd
 
 from .._constants import TARGET_KEY
+from .._docs import d
 from .._logging import logger
 from .._prediction import ExpressionPrediction
 from .._spatial import library_column
-from .._validate import assert_key_in, check_matrix, check_nonempty, obs_mask
+from .._utils import warn
+from .._validate import assert_key_in, check_matrix, check_nonempty
+from ._base import (
+    ModelIO,
+    check_embedding,
+    check_trained,
+    embedding_provenance,
+    resolve_train_indices,
+    train_defaults,
+)
 
 _DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
 
@@ -38,7 +47,7 @@ def log1p_counts(adata, genes: Sequence[str], layer: str | None, rows: np.ndarra
     return np.log1p(Y)
 
 
-class RidgeRegressor:
+class RidgeRegressor(ModelIO):
     """Ridge regression from frozen patch features to log1p expression (the HEST baseline).
 
     Features are standardised, reduced by PCA to ``n_components`` (capped by the data), and
@@ -60,8 +69,8 @@ class RidgeRegressor:
         Candidate penalties for ``alpha='cv'``.
     cv
         Maximum number of folds.
-    random_state
-        Seed of the shuffled folds (single-section training).
+    seed
+        Seed of the shuffled folds (single-section training); ``None`` uses :attr:`stimg.settings.seed`.
 
     Attributes
     ----------
@@ -73,8 +82,9 @@ class RidgeRegressor:
         Chosen penalty.
     cv_results_
         :class:`~pandas.DataFrame` of mean and per-fold validation MSE per alpha (``alpha='cv'``).
-    pipeline_
-        The fitted :class:`sklearn.pipeline.Pipeline`.
+    coef_
+        Fitted arrays: ``scale_mean``, ``scale_sd``, ``pca_mean``/``pca_components`` (with PCA),
+        ``ridge_coef``, ``ridge_intercept``; predictions are ``ridge(pca(standardise(x)))``.
 
     Examples
     --------
@@ -85,10 +95,17 @@ class RidgeRegressor:
     >>> si.tl.predict_expression(adata, model)
     >>> adata.layers["si_pred"].shape
     (240, 20)
+    >>> model.save("ridge.stimg")  # one safetensors file; no pickle  # doctest: +SKIP
+    >>> si.models.RidgeRegressor.load("ridge.stimg").predict(new_adata)  # doctest: +SKIP
     """
 
     def __init__(self, *, n_components: int | None = 256, alpha: float | str = "cv",
-                 alphas: Sequence[float] = _DEFAULT_ALPHAS, cv: int = 5, random_state: int = 0) -> None:
+                 alphas: Sequence[float] = _DEFAULT_ALPHAS, cv: int = 5, seed: int | None = None,
+                 random_state: int | None = None) -> None:
+        if random_state is not None:
+            warn("RidgeRegressor(random_state=) is deprecated; pass seed= (the name every stimg model uses).",
+                 FutureWarning)
+            seed = random_state if seed is None else seed
         if n_components is not None and int(n_components) < 1:
             msg = f"n_components must be ≥ 1 or None, got {n_components!r}."
             raise ValueError(msg)
@@ -106,11 +123,16 @@ class RidgeRegressor:
             msg = f"cv must be ≥ 2, got {cv!r}."
             raise ValueError(msg)
         self.n_components, self.alpha, self.alphas = n_components, alpha, tuple(float(a) for a in alphas)
-        self.cv, self.random_state = int(cv), int(random_state)
-        self.pipeline_ = None
+        self.cv, self.seed = int(cv), train_defaults(seed=seed).seed
+        self.coef_: dict[str, np.ndarray] | None = None
+
+    @property
+    def is_trained_(self) -> bool:
+        """Whether the model is fitted (or loaded)."""
+        return self.coef_ is not None
 
     def __repr__(self) -> str:
-        state = f"fitted on {len(self.var_names_)} genes, alpha={self.alpha_:g}" if self.pipeline_ is not None else "unfitted"
+        state = f"fitted on {len(self.var_names_)} genes, alpha={self.alpha_:g}" if self.is_trained_ else "unfitted"
         return f"RidgeRegressor(n_components={self.n_components}, alpha={self.alpha!r}) [{state}]"
 
     # ------------------------------------------------------------------ fitting
@@ -134,17 +156,19 @@ class RidgeRegressor:
             splitter = LeaveOneGroupOut() if n_groups <= self.cv else GroupKFold(n_splits=self.cv)
             return list(splitter.split(np.zeros(n), groups=groups)), type(splitter).__name__
         k = min(self.cv, n)
-        return list(KFold(k, shuffle=True, random_state=self.random_state).split(np.zeros(n))), f"KFold({k})"
+        return list(KFold(k, shuffle=True, random_state=self.seed).split(np.zeros(n))), f"KFold({k})"
 
+    @d.dedent
     def fit(
         self,
         adata: Any,
         embedding_key: str,
         layer: str | None = None,
         genes: Sequence[str] | None = None,
-        train_mask: np.ndarray | str | None = None,
+        train_indices: Sequence[int] | np.ndarray | str | None = None,
         *,
         library_key: str | None = None,
+        train_mask: np.ndarray | str | None = None,
     ) -> RidgeRegressor:
         """Fit on the training spots.
 
@@ -158,10 +182,11 @@ class RidgeRegressor:
             Raw-count layer; ``None`` uses ``X``.
         genes
             Target genes; ``None`` uses ``.var['si_target']`` (:func:`stimg.pp.select_genes`).
-        train_mask
-            Boolean array or ``.obs`` column of training spots; ``None`` uses all.
+        %(train_indices)s
         library_key
             ``.obs`` column of sections (groups of the alpha cross-validation); ``None`` finds it.
+        train_mask
+            Deprecated name of ``train_indices``.
 
         Returns
         -------
@@ -181,9 +206,12 @@ class RidgeRegressor:
         if len(missing):
             msg = f"{len(missing)} target genes are not in adata.var_names (e.g. {list(missing[:3])})."
             raise KeyError(msg)
-        mask = obs_mask(adata, train_mask, "train_mask")
-        check_nonempty(int(mask.sum()), "The training mask", "Select at least a few spots.")
-        rows = np.flatnonzero(mask)
+        if train_mask is not None:
+            warn("RidgeRegressor.fit(train_mask=) is deprecated; pass train_indices= (the name every stimg model "
+                 "uses; it takes the same masks and .obs column names).", FutureWarning)
+            if train_indices is None:
+                train_indices = train_mask
+        rows = resolve_train_indices(adata, train_indices)
         X = check_matrix(np.asarray(adata.obsm[embedding_key])[rows], f"obsm[{embedding_key!r}] (training spots)")
         Y = log1p_counts(adata, genes, layer, rows)
         n, p = X.shape
@@ -214,7 +242,13 @@ class RidgeRegressor:
                 logger.info("ridge: the chosen alpha %g is at the edge of the grid; consider widening alphas", self.alpha_)
         else:
             self.alpha_, self.cv_results_ = float(self.alpha), None
-        self.pipeline_ = self._make(self.alpha_, k).fit(X, Y)
+        pipe = self._make(self.alpha_, k).fit(X, Y)
+        coef = {"scale_mean": pipe["scale"].mean_, "scale_sd": pipe["scale"].scale_,
+                "ridge_coef": pipe["ridge"].coef_, "ridge_intercept": np.atleast_1d(pipe["ridge"].intercept_)}
+        if k is not None:
+            coef |= {"pca_mean": pipe["pca"].mean_, "pca_components": pipe["pca"].components_}
+        self.coef_ = {n: np.asarray(v, dtype=np.float64) for n, v in coef.items()}
+        self.embedding_provenance_ = embedding_provenance(adata, embedding_key)
         self.var_names_, self.embedding_key_, self.n_components_ = genes, embedding_key, k
         self.n_features_in_, self.cv_scheme_, self.n_train_ = p, cv_name, n
         logger.info("ridge: %d spots × %d features → %d genes, PCA %s, alpha %g (%s)", n, p, len(genes), k,
@@ -222,10 +256,12 @@ class RidgeRegressor:
         return self
 
     # --------------------------------------------------------------- predicting
-    def _check_fitted(self) -> None:
-        if self.pipeline_ is None:
-            msg = "This RidgeRegressor is not fitted yet; call fit(adata, embedding_key) first."
-            raise RuntimeError(msg)
+    def _predict_array(self, X: np.ndarray) -> np.ndarray:
+        c = self.coef_
+        z = (np.asarray(X, dtype=np.float64) - c["scale_mean"]) / c["scale_sd"]
+        if "pca_components" in c:
+            z = (z - c["pca_mean"]) @ c["pca_components"].T
+        return z @ c["ridge_coef"].T + c["ridge_intercept"]
 
     def predict(self, adata: Any, *, embedding_key: str | None = None) -> ExpressionPrediction:
         """Predict ``log1p`` expression of the fitted genes for every spot.
@@ -233,57 +269,44 @@ class RidgeRegressor:
         Parameters
         ----------
         adata
-            Table with the same kind of features in ``.obsm``.
+            Table with features from the encoder the model was fitted on (checked) in ``.obsm``.
         embedding_key
             ``None`` uses the key the model was fitted on.
 
         Returns
         -------
         :class:`~stimg.tl.ExpressionPrediction` with ``scale='log1p'``.
+
+        Examples
+        --------
+        >>> pred = model.predict(adata)  # doctest: +SKIP
         """
         from .._spatial import get_table
 
-        self._check_fitted()
+        check_trained(self)
         adata = get_table(adata)
-        key = embedding_key or self.embedding_key_
-        assert_key_in(adata.obsm, key, where="adata.obsm", hint="Run si.pp.embed with the encoder used for training.")
+        key = check_embedding(adata, self.embedding_provenance_, embedding_key=embedding_key or self.embedding_key_)
         X = check_matrix(np.asarray(adata.obsm[key]), f"obsm[{key!r}]", n_cols=self.n_features_in_)
-        return ExpressionPrediction(self.pipeline_.predict(X).astype(np.float32), list(self.var_names_), scale="log1p")
+        return ExpressionPrediction(self._predict_array(X).astype(np.float32), list(self.var_names_), scale="log1p")
 
     # -------------------------------------------------------------- persisting
-    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Save the fitted model with joblib.
+    _ATTRS = ("n_components", "alpha", "alphas", "cv", "seed", "alpha_", "var_names_", "embedding_key_",
+              "n_components_", "n_features_in_", "cv_scheme_", "n_train_", "embedding_provenance_")
 
-        Parameters
-        ----------
-        path
-            File to write.
-        overwrite
-            Replace an existing file.
-        """
-        import joblib
-
-        self._check_fitted()
-        if os.path.exists(path) and not overwrite:
-            msg = f"{str(path)!r} exists; pass overwrite=True to replace it."
-            raise FileExistsError(msg)
-        joblib.dump({"format": "stimg.RidgeRegressor/1", "state": self.__dict__}, path)
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        header = {a: getattr(self, a) for a in self._ATTRS}
+        header["alphas"] = list(self.alphas)
+        header["cv_results"] = None if self.cv_results_ is None else self.cv_results_.reset_index().to_dict(orient="list")
+        return header, dict(self.coef_)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> RidgeRegressor:
-        """Load a model written by :meth:`save`.
-
-        Parameters
-        ----------
-        path
-            File written by :meth:`save`.
-        """
-        import joblib
-
-        obj = joblib.load(path)
-        if not isinstance(obj, dict) or obj.get("format") != "stimg.RidgeRegressor/1":
-            msg = f"{str(path)!r} is not a file written by RidgeRegressor.save."
-            raise ValueError(msg)
+    def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: Any = None,
+                    **kwargs: Any) -> RidgeRegressor:
         model = cls.__new__(cls)
-        model.__dict__.update(obj["state"])
+        for a in cls._ATTRS:
+            setattr(model, a, header[a])
+        model.alphas = tuple(model.alphas)
+        cvr = header.get("cv_results")
+        model.cv_results_ = None if cvr is None else pd.DataFrame(cvr).set_index("alpha")
+        model.coef_ = {k: v.numpy() for k, v in tensors.items()}
         return model

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
+from ..._docs import d
 from ..._logging import logger
 from ..._prediction import ExpressionPrediction
 from ..._utils import progress_bar
-from ._model import NBRegressor, _interval, _moments
+from .._base import ModelIO, check_trained, train_defaults
+from ._model import NBRegressor, _check_level, _check_scale, _interval, _moments
 
 
-class NBEnsemble:
+class NBEnsemble(ModelIO):
     """M :class:`NBRegressor` members with different seeds and, optionally, different encoders.
 
     For each spot and gene (STImage, law of total variance): the prediction is the mean of the
@@ -33,7 +33,7 @@ class NBEnsemble:
     n_members
         Number of members M.
     seeds
-        One seed per member (default ``0 … M−1``).
+        One seed per member (default ``s … s+M−1`` with ``s`` = :attr:`stimg.settings.seed`).
     embedding_keys
         ``.obsm`` keys of different encoders, cycled over the members (deep ensemble over
         encoders, as FSTImage); ``None`` uses the registered key for all.
@@ -50,12 +50,14 @@ class NBEnsemble:
     >>> pred = ens.predict(adata)  # doctest: +SKIP
     >>> pred.epistemic.shape  # doctest: +SKIP
     (200, 20)
+    >>> ens.save("ensemble.stimg")  # one file; load it without the training table  # doctest: +SKIP
+    >>> si.models.NBEnsemble.load("ensemble.stimg").predict(new_adata)  # doctest: +SKIP
     """
 
     def __init__(self, adata: AnnData, *, n_members: int = 5, seeds: Sequence[int] | None = None,
                  embedding_keys: Sequence[str] | None = None, **model_kwargs: Any):
         if seeds is None:
-            seeds = list(range(int(n_members)))
+            seeds = [train_defaults().seed + i for i in range(int(n_members))]
         seeds = [int(s) for s in seeds]
         if len(seeds) < 2:
             msg = f"an ensemble needs at least 2 members, got {len(seeds)}."
@@ -77,7 +79,7 @@ class NBEnsemble:
             NBRegressor.setup_anndata(adata, **args)
         self.adata = adata
         self.seeds = seeds
-        self.embedding_keys = [m.adata_manager.registry["setup_args"]["embedding_key"] for m in self.members]
+        self.embedding_keys = [m.setup_args_["embedding_key"] for m in self.members]
         self.genes_ = list(self.members[0].genes_)
 
     @classmethod
@@ -99,7 +101,7 @@ class NBEnsemble:
         obj = cls.__new__(cls)
         obj.members, obj.adata, obj.genes_ = members, members[0].adata, genes
         obj.seeds = [m.seed_ for m in members]
-        obj.embedding_keys = [m.adata_manager.registry["setup_args"]["embedding_key"] for m in members]
+        obj.embedding_keys = [m.setup_args_["embedding_key"] for m in members]
         return obj
 
     def __len__(self) -> int:
@@ -109,17 +111,47 @@ class NBEnsemble:
         return (f"NBEnsemble of {len(self)} NBRegressor members, {len(self.genes_)} genes, "
                 f"encoders {sorted(set(self.embedding_keys))}")
 
-    def train(self, *, progress: bool | None = None, **train_kwargs: Any) -> None:
-        """Train every member (each with its own seed); arguments as :meth:`NBRegressor.train`.
+    @property
+    def is_trained_(self) -> bool:
+        """Whether every member is trained."""
+        return all(m.is_trained_ for m in self.members)
+
+    @d.dedent
+    def train(
+        self,
+        max_epochs: int | None = None,
+        *,
+        train_indices: Sequence[int] | np.ndarray | str | None = None,
+        accelerator: str | None = None,
+        devices: int | str | list[int] | None = None,
+        seed: int | None = None,
+        progress: bool | None = None,
+        **train_kwargs: Any,
+    ) -> None:
+        """Train every member; arguments as :meth:`NBRegressor.train`.
+
+        Parameters
+        ----------
+        %(max_epochs)s
+        %(train_indices)s
+        %(accelerator)s
+        %(devices)s
+        seed
+            ``None``: each member trains with its own seed; an integer ``s``: member ``i`` uses ``s + i``.
+        progress
+            One progress bar over the members; ``None`` uses :attr:`stimg.settings.progress`.
+        **train_kwargs
+            Passed to :meth:`NBRegressor.train`.
 
         Examples
         --------
-        >>> ens.train(max_epochs=200, accelerator="cpu", train_indices=idx)  # doctest: +SKIP
+        >>> ens.train(max_epochs=200, accelerator="cpu", train_indices="si_sampled")  # doctest: +SKIP
         """
         start = time.perf_counter()
         train_kwargs.setdefault("progress", False)
-        for m in progress_bar(self.members, desc="Training ensemble members", progress=progress):
-            m.train(**train_kwargs)
+        for i, m in enumerate(progress_bar(self.members, desc="Training ensemble members", progress=progress)):
+            m.train(max_epochs, train_indices=train_indices, accelerator=accelerator, devices=devices,
+                    seed=None if seed is None else int(seed) + i, **train_kwargs)
         logger.info("trained %d NB members in %.1fs", len(self), time.perf_counter() - start)
 
     def member_predictions(self, adata: AnnData | None = None, *, scale: str = "log1p",
@@ -130,6 +162,7 @@ class NBEnsemble:
         --------
         >>> preds = ens.member_predictions(adata)  # doctest: +SKIP
         """
+        check_trained(self)
         return [m.predict(adata, scale=scale, **kwargs) for m in self.members]
 
     def predict(self, adata: AnnData | None = None, *, scale: str = "log1p", **kwargs: Any) -> ExpressionPrediction:
@@ -149,6 +182,8 @@ class NBEnsemble:
         >>> pred = ens.predict(adata)  # doctest: +SKIP
         >>> si.tl.predict_expression(adata, ens)  # doctest: +SKIP
         """
+        check_trained(self)
+        _check_scale(scale)
         means, variances = [], []
         for m in self.members:
             r, b = m.get_nb_params(adata, **kwargs)
@@ -167,39 +202,27 @@ class NBEnsemble:
         --------
         >>> lo, hi = ens.predict_interval(adata, level=0.9)  # doctest: +SKIP
         """
+        check_trained(self)
+        _check_level(level)
         params = [m.get_nb_params(adata, **kwargs) for m in self.members]
         return _interval(np.stack([p[0] for p in params]), np.stack([p[1] for p in params]), level)
 
-    def save(self, dir_path: str | Path, *, overwrite: bool = False, save_anndata: bool = False) -> None:
-        """Save every member to ``dir_path/member_<i>`` plus ``ensemble.json``.
 
-        Examples
-        --------
-        >>> ens.save("nb_ensemble", overwrite=True)  # doctest: +SKIP
-        """
-        d = Path(dir_path)
-        if d.exists() and not overwrite and any(d.iterdir()):
-            msg = f"{d} exists and is not empty; pass overwrite=True."
-            raise ValueError(msg)
-        d.mkdir(parents=True, exist_ok=True)
+    # ------------------------------------------------------------------ persistence
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        headers, tensors = [], {}
         for i, m in enumerate(self.members):
-            m.save(str(d / f"member_{i}"), overwrite=True, save_anndata=save_anndata)
-        (d / "ensemble.json").write_text(json.dumps({"n_members": len(self), "seeds": self.seeds,
-                                                     "embedding_keys": self.embedding_keys}))
+            h, t = m._get_state()
+            headers.append(h)
+            tensors.update({f"member{i}.{k}": v for k, v in t.items()})
+        return {"members": headers, "seeds": list(self.seeds), "embedding_keys": list(self.embedding_keys)}, tensors
 
     @classmethod
-    def load(cls, dir_path: str | Path, adata: AnnData | None = None, **kwargs: Any) -> NBEnsemble:
-        """Load an ensemble written by :meth:`save` (``kwargs`` go to :meth:`NBRegressor.load`).
-
-        Examples
-        --------
-        >>> ens = si.models.NBEnsemble.load("nb_ensemble", adata)  # doctest: +SKIP
-        """
-        d = Path(dir_path)
-        meta_path = d / "ensemble.json"
-        if not meta_path.exists():
-            msg = f"{meta_path} not found: not a directory written by NBEnsemble.save."
-            raise FileNotFoundError(msg)
-        meta = json.loads(meta_path.read_text())
-        members = [NBRegressor.load(str(d / f"member_{i}"), adata=adata, **kwargs) for i in range(meta["n_members"])]
+    def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: AnnData | None = None,
+                    **kwargs: Any) -> NBEnsemble:
+        members = []
+        for i, h in enumerate(header["members"]):
+            pre = f"member{i}."
+            t = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+            members.append(NBRegressor._from_state(h, t, adata, **kwargs))
         return cls.from_members(members)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,178 +13,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..._constants import TABLE_KEY, TARGET_KEY
+from ..._docs import d
 from ..._logging import logger
 from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._spatial import get_table
-from ..._utils import progress_bar, resolve_device, warn
-from ..._validate import check_indices, check_matrix, check_nonempty
-from ._model import _counts_source, _interval, _moments, _resolve_genes
-from ._module import NBModule, nb_log_prob
+from ..._utils import progress_bar, resolve_device
+from .._base import ModelIO, check_trained, resolve_train_indices, train_defaults
+from ._data import resolve_genes, target_counts
+from ._finetune_module import FinetuneModule
+from ._finetune_plan import FinetuneTrainingPlan, PatchCounts
+from ._model import _check_level, _check_scale, _interval, _moments
+from ._module import NBModule
+from ._training import quiet_lightning, restore_best, split_train_validation
 
-_FORMAT = "stimg.NBFinetuner/1"
 _N_STATS = 256  # training patches used to standardise the initial features
-
-
-# ---------------------------------------------------------------------------------------------- data
-def _target_counts(table, genes: list[str], layer: str | None) -> np.ndarray:
-    src = _counts_source(table, layer)
-    y = check_matrix(src[:, table.var_names.get_indexer(genes)], "target counts", n_obs=table.n_obs)
-    if (y < 0).any():
-        msg = "counts must be non-negative; pass the raw-count layer with layer=."
-        raise ValueError(msg)
-    if not np.allclose(y, np.round(y)):
-        warn("target counts are not integers; the NB likelihood expects raw counts (pass layer=).")
-    return y.astype(np.float32)
-
-
-class _PatchCounts(Dataset):
-    """Items ``(uint8 patch, counts)`` for the chosen items of a :class:`~stimg.pp.PatchDataset`."""
-
-    def __init__(self, patches, counts: np.ndarray | None, items: np.ndarray):
-        self.patches, self.items = patches, np.asarray(items, dtype=int)
-        self.counts = None if counts is None else counts[patches.obs_index[self.items]]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        x = self.patches[int(self.items[i])]
-        if self.counts is None:
-            return x
-        return x, torch.from_numpy(self.counts[i])
-
-    @staticmethod
-    def collate(batch: list):
-        from ...pp._patch_dataset import PatchDataset
-
-        if isinstance(batch[0], tuple):
-            return PatchDataset.collate([b[0] for b in batch]), torch.stack([b[1] for b in batch])
-        return PatchDataset.collate(batch)
-
-
-def _augment(x: torch.Tensor) -> torch.Tensor:
-    """Random element of the dihedral group (flips and 90° rotations) per square patch, on ``x``'s device."""
-    b = x.shape[0]
-    f = torch.randint(0, 2, (3, b, 1, 1, 1), device=x.device, dtype=torch.bool)
-    x = torch.where(f[0], x.flip(-1), x)
-    x = torch.where(f[1], x.flip(-2), x)
-    return torch.where(f[2], x.transpose(-1, -2), x)
-
-
-# ---------------------------------------------------------------------------------------------- network
-class _FinetuneNet(nn.Module):
-    """Encoder (uint8 patches → features) followed by the NB head of :class:`NBModule`."""
-
-    def __init__(self, encoder: nn.Module, head: NBModule):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cuda" and not torch.is_autocast_enabled():
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                return self.encoder(x).float()
-        return self.encoder(x).float()
-
-    def nb_params(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(feats.device.type, enabled=False):  # NB maths in float32
-            o = self.head.inference(feats.float())
-        return o["r"], o["logits"]
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.nb_params(self.features(x))
-
-
-def _nll(r: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-spot NB negative log-likelihood summed over genes."""
-    return -nb_log_prob(y.float(), r, logits).sum(-1)
-
-
-def _lightning_module(net: _FinetuneNet, *, lr: float, backbone_lr: float, weight_decay: float,
-                      freeze_epochs: int, augment: bool):
-    import lightning.pytorch as pl
-
-    class _Lit(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.module = net
-            self.history: list[dict[str, float]] = []
-            self.best, self.best_state = float("inf"), None
-            self._frozen = False
-            self._sums = {"train": [0.0, 0], "validation": [0.0, 0]}
-
-        def _set_frozen(self, frozen: bool) -> None:
-            self._frozen = frozen
-            for p in self.module.encoder.parameters():
-                p.requires_grad_(not frozen)
-            if frozen:
-                self.module.encoder.eval()  # batch-norm statistics stay fixed too
-
-        def on_train_epoch_start(self):
-            self._set_frozen(self.current_epoch < freeze_epochs)
-            self._sums["train"] = [0.0, 0]
-
-        def on_train_batch_start(self, batch, batch_idx):
-            if self._frozen:
-                self.module.encoder.eval()
-
-        def on_train_end(self):
-            self._set_frozen(False)
-            if self.best_state is not None:
-                self.module.load_state_dict(self.best_state)
-
-        def _step(self, batch, split: str):
-            x, y = batch
-            if split == "train" and augment:
-                x = _augment(x)
-            if self._frozen:
-                with torch.no_grad():
-                    feats = self.module.features(x)
-            else:
-                feats = self.module.features(x)
-            nll = _nll(*self.module.nb_params(feats), y)
-            s = self._sums[split]
-            s[0] += float(nll.detach().sum())
-            s[1] += int(nll.shape[0])
-            return nll.mean()
-
-        def training_step(self, batch, batch_idx):
-            loss = self._step(batch, "train")
-            self.log("train_nll", loss, on_step=False, on_epoch=True, batch_size=batch[1].shape[0])
-            return loss
-
-        def validation_step(self, batch, batch_idx):
-            return self._step(batch, "validation")
-
-        def on_validation_epoch_start(self):
-            self._sums["validation"] = [0.0, 0]
-
-        def on_validation_epoch_end(self):
-            s, n = self._sums["validation"]
-            if n == 0:
-                return
-            val = s / n
-            self.log("val_nll", val)
-            if val < self.best:
-                self.best = val
-                self.best_state = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
-
-        def on_train_epoch_end(self):
-            s, n = self._sums["train"]
-            row = {"epoch": self.current_epoch, "train_nll": s / max(n, 1), "frozen": self._frozen}
-            vs, vn = self._sums["validation"]
-            if vn:
-                row["val_nll"] = vs / vn
-            self.history.append(row)
-
-        def configure_optimizers(self):
-            head = [p for p in self.module.head.parameters()]
-            backbone = [p for p in self.module.encoder.parameters()]
-            return torch.optim.AdamW([{"params": head, "lr": lr}, {"params": backbone, "lr": backbone_lr}],
-                                     weight_decay=weight_decay)
-
-    return _Lit()
+_DEFAULT_EPOCHS = 10
 
 
 def _trainer_accelerator(accelerator: str | None) -> tuple[str, str]:
@@ -200,7 +40,7 @@ def _trainer_accelerator(accelerator: str | None) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- model
-class NBFinetuner:
+class NBFinetuner(ModelIO):
     """Fine-tune an image encoder end to end with the negative-binomial head (STImage).
 
     Each spot's H&E patch goes through a trainable encoder (any :func:`stimg.encoders.get_encoder`
@@ -241,7 +81,8 @@ class NBFinetuner:
     n_hidden, n_layers, dropout
         NB head (as :class:`~stimg.models.NBRegressor`).
     seed
-        Seed of the head initialisation and default seed of :meth:`train`.
+        Seed of the head initialisation and default seed of :meth:`train`; ``None`` uses
+        :attr:`stimg.settings.seed`.
     encoder_kwargs
         Passed to :func:`~stimg.encoders.get_encoder` (e.g. ``weights=``).
 
@@ -282,38 +123,62 @@ class NBFinetuner:
         n_hidden: int = 256,
         n_layers: int = 1,
         dropout: float = 0.1,
-        seed: int = 0,
+        seed: int | None = None,
         encoder_kwargs: dict[str, Any] | None = None,
     ):
-        from ...encoders import get_encoder
-        from ...pp import extract_patches
-
+        if seed is None:
+            seed = train_defaults().seed
         table = get_table(data, table_key)
-        self.genes_ = _resolve_genes(table, target_key, genes, require_key=True)
-        counts = _target_counts(table, self.genes_, layer)
+        genes = resolve_genes(table, target_key, genes, require_key=True)
+        self.init_params_ = {
+            "encoder": encoder if isinstance(encoder, str) else None, "genes": list(genes),
+            "layer": layer, "patch_um": float(patch_um), "patch_px": patch_px, "table_key": table_key,
+            "library_key": library_key, "input_px": input_px, "n_hidden": int(n_hidden), "n_layers": int(n_layers),
+            "dropout": float(dropout), "seed": int(seed), "encoder_kwargs": dict(encoder_kwargs or {}),
+        }
+        counts = target_counts(table, genes, layer)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            enc = get_encoder(encoder, pretrained=pretrained, **(encoder_kwargs or {}))
-            if input_px is not None:
-                enc.input_px, enc.resize_px, enc._dim = int(input_px), None, None
-            patch_px = int(patch_px or enc.input_px)
-            patches = extract_patches(data, patch_um=patch_um, patch_px=patch_px, table_key=table_key,
-                                      library_key=library_key)
-            head = NBModule(enc.dim, len(self.genes_), n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
-                            gene_mean=counts.mean(0))
-        self.net = _FinetuneNet(enc, head)
-        self._patches, self._counts = patches, counts
-        self.seed_ = int(seed)
+            self._build(encoder, pretrained, genes, gene_mean=counts.mean(0))
+        self._attach(data, counts=counts)
         self.is_trained_ = False
         self.history_: pd.DataFrame | None = None
-        self.init_params_ = {
-            "encoder": encoder if isinstance(encoder, str) else None, "genes": list(self.genes_),
-            "layer": layer, "patch_um": float(patch_um), "patch_px": patch_px, "table_key": table_key,
-            "library_key": library_key, "input_px": input_px, "n_hidden": n_hidden, "n_layers": n_layers,
-            "dropout": dropout, "seed": int(seed), "encoder_kwargs": encoder_kwargs,
-        }
         logger.info("NBFinetuner: %s (%d features) → %d genes on %d spots, %g µm patches at %d px",
-                    enc.name, enc.dim, len(self.genes_), table.n_obs, patch_um, patch_px)
+                    self.net.encoder.name, self.net.encoder.dim, len(self.genes_), table.n_obs, patch_um,
+                    self.init_params_["patch_px"])
+
+    def _build(self, encoder: Any, pretrained: bool, genes: list[str], gene_mean: np.ndarray | None) -> None:
+        """Encoder and NB head from :attr:`init_params_` (no data needed: :meth:`load` uses it too)."""
+        from ...encoders import get_encoder
+
+        p = self.init_params_
+        kw = dict(p["encoder_kwargs"])
+        if not pretrained:
+            kw.pop("weights", None)  # the saved state dict replaces any weights file
+        enc = get_encoder(encoder, pretrained=pretrained, **kw)
+        if p["input_px"] is not None:
+            enc.input_px, enc.resize_px, enc._dim = int(p["input_px"]), None, None
+        p["patch_px"] = int(p["patch_px"] or enc.input_px)
+        head = NBModule(enc.dim, len(genes), n_hidden=p["n_hidden"], n_layers=p["n_layers"], dropout=p["dropout"],
+                        gene_mean=gene_mean)
+        self.net = FinetuneModule(enc, head)
+        self.genes_ = list(genes)
+        self.seed_ = int(p["seed"])
+
+    def _attach(self, data: Any, counts: np.ndarray | None = None) -> None:
+        """Patches and counts of the training data (``data=None``: a loaded model that only predicts)."""
+        from ...pp import extract_patches
+
+        self._patches = self._counts = self._table = None
+        if data is None:
+            return
+        p = self.init_params_
+        table = get_table(data, p["table_key"])
+        if counts is None:
+            counts = target_counts(table, self.genes_, p["layer"])
+        self._patches = extract_patches(data, patch_um=p["patch_um"], patch_px=p["patch_px"],
+                                        table_key=p["table_key"], library_key=p["library_key"])
+        self._counts, self._table = counts, table
 
     def __repr__(self) -> str:
         state = "trained" if self.is_trained_ else "untrained"
@@ -322,54 +187,48 @@ class NBFinetuner:
 
     # ------------------------------------------------------------------ training
     def _split(self, train_indices, validation_size: float, early_stopping: bool, seed: int):
+        if self._patches is None:
+            msg = ("This NBFinetuner was loaded without training data, so it can only predict; pass the data to "
+                   "NBFinetuner.load(path, data) to train it further.")
+            raise RuntimeError(msg)
         n = len(self._counts)
-        tr = check_indices(train_indices, n)
-        check_nonempty(tr.size, "The training set", "pass train_indices with at least one spot.")
-        if not 0 <= validation_size < 1:
-            msg = f"validation_size must be in [0, 1), got {validation_size!r}."
-            raise ValueError(msg)
-        tr = np.random.default_rng(seed).permutation(np.unique(tr))
-        n_val = int(round(validation_size * tr.size))
-        if early_stopping:
-            n_val = max(1, n_val)
-        if n_val >= tr.size:
-            msg = (f"validation_size={validation_size} (early_stopping={early_stopping}) leaves no training spots "
-                   f"out of {tr.size}.")
-            raise ValueError(msg)
+        rows = resolve_train_indices(self._table, train_indices)
+        tr, val = split_train_validation(rows, validation_size, early_stopping, seed)
         # table rows → PatchDataset items
         item_of_row = np.empty(n, dtype=int)
         item_of_row[self._patches.obs_index] = np.arange(len(self._patches))
-        return np.sort(tr[n_val:]), np.sort(tr[:n_val]), item_of_row
+        return tr, val, item_of_row
 
     @torch.no_grad()
     def _init_feature_stats(self, items: np.ndarray, batch_size: int, device: torch.device, seed: int) -> None:
         """Standardise the head's input with the (pretrained) features of up to 256 training patches."""
         sel = np.random.default_rng(seed).permutation(items)[:_N_STATS]
-        feats = self._features(_PatchCounts(self._patches, None, np.sort(sel)), batch_size, device, 0, "features")
+        feats = self._features(PatchCounts(self._patches, None, np.sort(sel)), batch_size, device, 0, "features")
         head = self.net.head
         head.feature_mean.copy_(torch.from_numpy(feats.mean(0)))
         head.feature_std.copy_(torch.from_numpy(feats.std(0)).clamp_min(1e-6))
 
+    @d.dedent
     def train(
         self,
-        max_epochs: int = 10,
+        max_epochs: int | None = None,
         *,
+        train_indices: Sequence[int] | np.ndarray | str | None = None,
+        accelerator: str | None = None,
+        devices: int | str | list[int] | None = None,
+        seed: int | None = None,
+        progress: bool | None = None,
         batch_size: int = 32,
         lr: float = 1e-3,
         backbone_lr: float = 1e-4,
         freeze_backbone_epochs: int = 0,
-        train_indices: Sequence[int] | np.ndarray | None = None,
         validation_size: float = 0.1,
-        accelerator: str | None = "auto",
-        devices: int | str = 1,
         precision: str | None = None,
         early_stopping: bool = True,
         early_stopping_patience: int = 3,
         weight_decay: float = 1e-4,
         augment: bool = True,
         num_workers: int = 0,
-        seed: int | None = None,
-        progress: bool | None = None,
         **trainer_kwargs: Any,
     ) -> None:
         """Fine-tune encoder and head by minimising the NB negative log-likelihood (Lightning, AdamW).
@@ -377,7 +236,15 @@ class NBFinetuner:
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs.
+            Maximum number of epochs (``None``: 10).
+        %(train_indices)s
+            Spots outside it are never seen.
+        %(accelerator)s
+        %(devices)s
+        seed
+            Seed of the split, the minibatch order and the augmentation; ``None`` uses the model's
+            ``seed`` (itself :attr:`stimg.settings.seed` by default).
+        %(progress)s
         batch_size
             Patches per step.
         lr
@@ -386,15 +253,8 @@ class NBFinetuner:
             Learning rate of the encoder (usually 10× smaller).
         freeze_backbone_epochs
             Warm-up epochs that train the head only (encoder weights and batch-norm statistics fixed).
-        train_indices
-            Table rows (integer positions or a boolean mask) to train on; the rest is never seen.
-            ``None`` uses all spots.
         validation_size
             Fraction of the training spots held out (drawn with ``seed``) for early stopping.
-        accelerator
-            ``'auto'``, ``'cpu'``, ``'gpu'``/``'cuda'``, ``'mps'``; ``None`` uses :attr:`stimg.settings.accelerator`.
-        devices
-            Lightning devices (one device by default).
         precision
             Lightning precision; ``None`` uses ``'bf16-mixed'`` (or ``'16-mixed'``) on CUDA, ``'32'`` otherwise.
         early_stopping
@@ -408,12 +268,8 @@ class NBFinetuner:
             Random flips and 90° rotations of the training patches.
         num_workers
             :class:`~torch.utils.data.DataLoader` workers reading patches.
-        seed
-            Seed of the split, the minibatch order and the augmentation; ``None`` uses the model's.
-        progress
-            Lightning progress bar; ``None`` uses :attr:`stimg.settings.progress`.
         **trainer_kwargs
-            Passed to :class:`lightning.pytorch.Trainer`.
+            Passed to :class:`lightning.pytorch.Trainer` (e.g. ``strategy='ddp'``).
 
         Examples
         --------
@@ -421,10 +277,11 @@ class NBFinetuner:
         >>> m.history_  # doctest: +SKIP
         """
         import lightning.pytorch as pl
-        from lightning.fabric.utilities.warnings import PossibleUserWarning
         from lightning.pytorch.callbacks import EarlyStopping
 
-        seed = self.seed_ if seed is None else int(seed)
+        defaults = train_defaults(accelerator, devices, self.seed_ if seed is None else seed)
+        seed, accelerator, devices = defaults.seed, defaults.accelerator, defaults.devices
+        max_epochs = _DEFAULT_EPOCHS if max_epochs is None else int(max_epochs)
         tr, val, item_of_row = self._split(train_indices, validation_size, early_stopping, seed)
         acc, default_precision = _trainer_accelerator(accelerator)
         device = resolve_device(accelerator)
@@ -434,32 +291,27 @@ class NBFinetuner:
         if freeze_backbone_epochs < 0:
             msg = f"freeze_backbone_epochs must be ≥ 0, got {freeze_backbone_epochs!r}."
             raise ValueError(msg)
-        lit = _lightning_module(self.net, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
-                                freeze_epochs=int(freeze_backbone_epochs), augment=augment)
+        plan = FinetuneTrainingPlan(self.net, lr=lr, backbone_lr=backbone_lr, weight_decay=weight_decay,
+                                    freeze_epochs=int(freeze_backbone_epochs), augment=augment)
         callbacks = list(trainer_kwargs.pop("callbacks", []))
+        best = None
         if early_stopping:
-            callbacks.append(EarlyStopping(monitor="val_nll", patience=early_stopping_patience, mode="min"))
+            best = restore_best("val_nll")
+            callbacks += [EarlyStopping(monitor="val_nll", patience=early_stopping_patience, mode="min"), best]
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else progress)
-        train_ds = _PatchCounts(self._patches, self._counts, item_of_row[tr])
+        train_ds = PatchCounts(self._patches, self._counts, item_of_row[tr])
         gen = torch.Generator().manual_seed(seed)
         # a last batch of one patch breaks batch norm on 1×1 feature maps: drop it
         drop_last = len(train_ds) > batch_size and len(train_ds) % batch_size == 1
         loaders = {"train_dataloaders": DataLoader(
-            train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=_PatchCounts.collate,
+            train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, collate_fn=PatchCounts.collate,
             generator=gen, drop_last=drop_last, persistent_workers=num_workers > 0)}
         if val.size:
             loaders["val_dataloaders"] = DataLoader(
-                _PatchCounts(self._patches, self._counts, item_of_row[val]), batch_size=batch_size,
-                num_workers=num_workers, collate_fn=_PatchCounts.collate)
-        quiet = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
-        old = [lg.level for lg in quiet]
-        for lg in quiet:
-            lg.setLevel(logging.WARNING)
+                PatchCounts(self._patches, self._counts, item_of_row[val]), batch_size=batch_size,
+                num_workers=num_workers, collate_fn=PatchCounts.collate)
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=PossibleUserWarning)
-                warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
-                warnings.filterwarnings("ignore", message=".*treespec.*")
+            with quiet_lightning(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 trainer = pl.Trainer(
                     accelerator=acc, devices=devices, precision=precision or default_precision,
                     max_epochs=int(max_epochs), callbacks=callbacks, logger=False, enable_checkpointing=False,
@@ -468,18 +320,16 @@ class NBFinetuner:
                 torch.manual_seed(seed)
                 if not self.is_trained_:
                     self._init_feature_stats(item_of_row[tr], batch_size, device, seed)
-                trainer.fit(lit, **loaders)
+                trainer.fit(plan, **loaders)
         finally:
-            for lg, lv in zip(quiet, old, strict=True):
-                lg.setLevel(lv)
             self.net.cpu()
         self.net.eval()
         self._refresh_cache_key()
-        self.history_ = pd.DataFrame(lit.history)
+        self.history_ = pd.DataFrame(plan.history)
         self.train_indices_, self.validation_indices_ = tr, val
         self.is_trained_ = True
-        if lit.best_state is not None:
-            logger.info("NBFinetuner: %d epochs, best validation NLL %.4g", len(lit.history), lit.best)
+        if best is not None and best.state is not None:
+            logger.info("NBFinetuner: %d epochs, best validation NLL %.4g", len(plan.history), best.best)
 
     def _refresh_cache_key(self) -> None:
         from ...encoders._build import weights_fingerprint
@@ -507,7 +357,7 @@ class NBFinetuner:
                   progress: bool | None = False) -> np.ndarray:
         """Run the encoder (``what='features'``) or the whole network (``'nb'``) over ``ds`` in eval mode."""
         self.net.to(device).eval()
-        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_PatchCounts.collate)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=PatchCounts.collate)
         out = []
         try:
             for x in progress_bar(loader, desc="NBFinetuner", total=len(loader), progress=progress):
@@ -522,7 +372,7 @@ class NBFinetuner:
 
     def _per_row(self, data, table_key, what: str, batch_size: int, accelerator: str | None, num_workers: int):
         table, ds = self._dataset(data, table_key)
-        vals = self._features(_PatchCounts(ds, None, np.arange(len(ds))), batch_size, resolve_device(accelerator),
+        vals = self._features(PatchCounts(ds, None, np.arange(len(ds))), batch_size, resolve_device(accelerator),
                               num_workers, what, progress=None)
         out = np.empty_like(vals)
         out[ds.obs_index] = vals
@@ -549,6 +399,7 @@ class NBFinetuner:
         --------
         >>> r, logits = m.get_nb_params(sdata)  # doctest: +SKIP
         """
+        check_trained(self)
         _, rb = self._per_row(data, table_key, "nb", batch_size, accelerator, num_workers)
         g = len(self.genes_)
         return rb[:, :g], rb[:, g:]
@@ -577,9 +428,7 @@ class NBFinetuner:
         --------
         >>> pred = m.predict(sdata)  # doctest: +SKIP
         """
-        if scale not in ("log1p", "counts"):
-            msg = f"scale must be 'log1p' or 'counts', got {scale!r}."
-            raise ValueError(msg)
+        _check_scale(scale)
         r, b = self.get_nb_params(data, **kwargs)
         mean, var = _moments(r, b, scale)
         return ExpressionPrediction(mean=mean, var_names=list(self.genes_), scale=scale, aleatoric=var)
@@ -591,9 +440,7 @@ class NBFinetuner:
         --------
         >>> lo, hi = m.predict_interval(sdata, level=0.9)  # doctest: +SKIP
         """
-        if not 0 < level < 1:
-            msg = f"level must be in (0, 1), got {level!r}."
-            raise ValueError(msg)
+        _check_level(level)
         r, b = self.get_nb_params(data, **kwargs)
         return _interval(r[None], b[None], level)
 
@@ -612,60 +459,55 @@ class NBFinetuner:
         return f.astype(np.float32)
 
     # ------------------------------------------------------------------ persistence
-    def save(self, dir_path: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Write ``params.json`` (init parameters, genes, history) and ``model.pt`` (state dict) to a folder.
-
-        Examples
-        --------
-        >>> m.save("finetuned/", overwrite=True)  # doctest: +SKIP
-        """
-        d = Path(dir_path)
-        if d.exists() and any(d.iterdir()) and not overwrite:
-            msg = f"{str(d)!r} exists and is not empty; pass overwrite=True to replace it."
-            raise FileExistsError(msg)
-        d.mkdir(parents=True, exist_ok=True)
-        meta = {"format": _FORMAT, "init_params": self.init_params_, "is_trained": self.is_trained_,
-                "history": None if self.history_ is None else self.history_.to_dict(orient="list")}
-        (d / "params.json").write_text(json.dumps(meta, indent=1, default=str))
-        torch.save(self.net.state_dict(), d / "model.pt")
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        header = {"init_params": self.init_params_, "encoder_name": self.net.encoder.name,
+                  "history": None if self.history_ is None else self.history_.to_dict(orient="list")}
+        tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        for name in ("train_indices_", "validation_indices_"):
+            if getattr(self, name, None) is not None:
+                tensors[name] = np.asarray(getattr(self, name), dtype=np.int64)
+        return header, tensors
 
     @classmethod
-    def load(cls, dir_path: str | os.PathLike, data: Any, *, encoder: nn.Module | None = None) -> NBFinetuner:
-        """Load a model written by :meth:`save` onto ``data`` (the training data or any data with images).
+    def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], data: Any = None, *,
+                    encoder: nn.Module | None = None) -> NBFinetuner:
+        p = dict(header["init_params"])
+        if p["encoder"] is None and encoder is None:
+            msg = (f"This model was fine-tuned from a custom torch.nn.Module encoder ({header.get('encoder_name')!r}); "
+                   "pass a module of the same architecture as encoder= (its weights are replaced by the saved ones).")
+            raise ValueError(msg)
+        obj = cls.__new__(cls)
+        obj.init_params_ = p
+        with torch.random.fork_rng():
+            obj._build(encoder if p["encoder"] is None else p["encoder"], False, list(p["genes"]), None)
+        obj.net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
+        obj.net.eval()
+        obj._refresh_cache_key()
+        obj.is_trained_ = True
+        obj.history_ = None if header.get("history") is None else pd.DataFrame(header["history"])
+        obj.train_indices_ = tensors["train_indices_"].numpy() if "train_indices_" in tensors else None
+        obj.validation_indices_ = (tensors["validation_indices_"].numpy() if "validation_indices_" in tensors
+                                   else None)
+        obj._attach(data)
+        return obj
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, data: Any = None, *, encoder: nn.Module | None = None) -> NBFinetuner:
+        """Load a model written by :meth:`save`; it predicts on any data with images.
 
         Parameters
         ----------
-        dir_path
-            Folder written by :meth:`save`.
+        path
+            File written by :meth:`save`.
         data
-            SpatialData/AnnData with images and the model's genes.
+            Optional training data (images and raw counts of the model's genes) to continue training.
         encoder
-            The module for a model whose encoder was a :class:`torch.nn.Module` (its weights are
-            replaced by the saved ones).
+            For a model whose encoder was a :class:`torch.nn.Module`: a module of the same
+            architecture (its weights are replaced by the saved ones).
 
         Examples
         --------
-        >>> m = si.models.NBFinetuner.load("finetuned/", sdata)  # doctest: +SKIP
+        >>> m = si.models.NBFinetuner.load("finetuned.stimg")  # doctest: +SKIP
+        >>> m.predict(new_sdata)  # doctest: +SKIP
         """
-        d = Path(dir_path)
-        if not (d / "params.json").is_file() or not (d / "model.pt").is_file():
-            msg = f"{str(d)!r} has no params.json/model.pt; pass a folder written by NBFinetuner.save."
-            raise FileNotFoundError(msg)
-        meta = json.loads((d / "params.json").read_text())
-        if meta.get("format") != _FORMAT:
-            msg = f"{str(d)!r} was not written by NBFinetuner.save."
-            raise ValueError(msg)
-        p = dict(meta["init_params"])
-        if p["encoder"] is None and encoder is None:
-            msg = "This model was trained with a custom torch.nn.Module encoder; pass the same module as encoder=."
-            raise ValueError(msg)
-        p["encoder"] = encoder if p["encoder"] is None else p["encoder"]
-        model = cls(data, pretrained=False, target_key=None, **p)
-        model.net.load_state_dict(torch.load(d / "model.pt", map_location="cpu", weights_only=True))
-        model.net.eval()
-        model._refresh_cache_key()
-        model.init_params_["encoder"] = meta["init_params"]["encoder"]
-        model.is_trained_ = bool(meta.get("is_trained", True))
-        if meta.get("history") is not None:
-            model.history_ = pd.DataFrame(meta["history"])
-        return model
+        return super().load(path, data, encoder=encoder)

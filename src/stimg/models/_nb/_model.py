@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
+from uuid import uuid4
 
 import numpy as np
 import pandas as pd
@@ -15,87 +17,41 @@ from scvi.data.fields import NumericalObsField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from ..._constants import TARGET_KEY
+from ..._docs import d
 from ..._prediction import ExpressionPrediction
 from ..._settings import settings
-from ..._utils import warn
-from ..._validate import assert_key_in, check_indices, check_matrix, check_nonempty
+from ..._validate import assert_key_in, check_matrix
+from .._base import (
+    ModelIO,
+    check_embedding,
+    check_trained,
+    embedding_provenance,
+    resolve_train_indices,
+    train_defaults,
+)
 from ._constants import COUNTS_OBSM, LOG_LIB_OBS, NB_KEYS
+from ._data import log_library, resolve_genes, target_counts
 from ._module import NBModule, nb_log1p_moments, nb_mean_var, nb_mixture_quantiles
+from ._training import quiet_lightning, restore_best, split_train_validation
 
 logger = logging.getLogger("stimg")
+_DEFAULT_EPOCHS = 300
 
 
-def _counts_source(adata: AnnData, layer: str | None):
-    if layer is None:
-        return adata.X
-    assert_key_in(adata.layers, layer, where="adata.layers")
-    return adata.layers[layer]
+def _history_to_json(history: dict[str, pd.DataFrame] | None) -> dict[str, Any] | None:
+    if not history:
+        return None
+    return {k: {"index": [float(i) for i in v.index], "values": v.iloc[:, 0].astype(float).tolist()}
+            for k, v in history.items()}
 
 
-def _resolve_genes(adata: AnnData, target_key: str | None, genes: Sequence[str] | None, *,
-                   require_key: bool = False) -> list[str]:
-    """Target genes: ``genes``, else the boolean ``.var[target_key]``, else all genes.
-
-    With ``require_key``, a ``target_key`` absent from ``.var`` raises instead of selecting all genes.
-    """
-    if genes is not None:
-        genes = [str(g) for g in genes]
-        check_nonempty(len(genes), "genes")
-        missing = pd.Index(genes).difference(adata.var_names)
-        if len(missing):
-            msg = (f"{len(missing)} of {len(genes)} target genes are missing from var_names "
-                   f"(e.g. {list(missing[:5])}; the table has e.g. {list(adata.var_names[:5])}).")
-            raise KeyError(msg)
-        return genes
-    if target_key is None or (target_key not in adata.var and not require_key):
-        return list(adata.var_names)
-    assert_key_in(adata.var, target_key, where="table.var",
-                  hint="Select target genes (si.pp.select_genes), pass genes=, or target_key=None for all genes.")
-    mask = adata.var[target_key].to_numpy()
-    if mask.dtype != bool:
-        msg = f"table.var[{target_key!r}] must be a boolean gene mask, got dtype {mask.dtype}."
-        raise TypeError(msg)
-    check_nonempty(int(mask.sum()), f"table.var[{target_key!r}]", "select target genes first (si.pp.select_genes).")
-    return list(adata.var_names[mask])
+def _history_from_json(h: dict[str, Any] | None) -> dict[str, pd.DataFrame] | None:
+    if not h:
+        return None
+    return {k: pd.DataFrame({k: v["values"]}, index=pd.Index(v["index"], name="epoch")) for k, v in h.items()}
 
 
-def _log_library(adata: AnnData, library_size: bool | str, layer: str | None) -> np.ndarray:
-    """Log of the per-spot library size: total counts of ``layer`` (``True``) or an ``.obs`` column."""
-    if isinstance(library_size, str):
-        assert_key_in(adata.obs, library_size, where="adata.obs", hint="Pass a library size or size-factor column.")
-        lib = adata.obs[library_size].to_numpy(dtype=np.float64)
-    else:
-        lib = np.asarray(_counts_source(adata, layer).sum(1)).ravel().astype(np.float64)
-    if not np.all(np.isfinite(lib)) or np.any(lib <= 0):
-        msg = "library sizes must be finite and > 0 for every spot; drop empty spots first."
-        raise ValueError(msg)
-    return np.log(lib)
-
-
-class _RestoreBest:
-    """Lightning callback: keep the module weights of the best validation epoch in memory, restore at the end."""
-
-    def __new__(cls, monitor: str = "elbo_validation"):
-        from lightning.pytorch.callbacks import Callback
-
-        class _Cb(Callback):
-            def __init__(self):
-                self.best, self.state = float("inf"), None
-
-            def on_validation_epoch_end(self, trainer, pl_module):
-                val = trainer.callback_metrics.get(monitor)
-                if val is not None and float(val) < self.best:
-                    self.best = float(val)
-                    self.state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
-
-            def on_train_end(self, trainer, pl_module):
-                if self.state is not None:
-                    pl_module.module.load_state_dict(self.state)
-
-        return _Cb()
-
-
-class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
+class NBRegressor(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     """Per-gene negative-binomial regression from frozen image features (STImage).
 
     An MLP maps each spot's (standardised) embedding to NB parameters per target gene,
@@ -103,6 +59,10 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
     ``r(1−p)/p²``. Training minimises the NB negative log-likelihood of the raw counts, optionally
     with a library-size offset. Combine several seeds (or encoders) with
     :class:`~stimg.models.NBEnsemble` for epistemic uncertainty.
+
+    A saved model (:meth:`save`, one safetensors file) carries its genes, setup arguments and the
+    provenance of its features (encoder, patch µm/px), so ``NBRegressor.load(path)`` predicts on
+    any table holding the same embedding, without the training data.
 
     Parameters
     ----------
@@ -115,7 +75,8 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
     dropout
         Dropout rate.
     seed
-        Seed of the weight initialisation (and default seed of :meth:`train`).
+        Seed of the weight initialisation and default seed of :meth:`train`; ``None`` uses
+        :attr:`stimg.settings.seed`.
 
     Examples
     --------
@@ -125,12 +86,14 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
     >>> model = si.models.NBRegressor(adata)
     >>> model.train(max_epochs=5, accelerator="cpu")  # doctest: +SKIP
     >>> si.tl.predict_expression(adata, model)  # doctest: +SKIP
+    >>> model.save("nb.stimg")  # doctest: +SKIP
+    >>> si.models.NBRegressor.load("nb.stimg").predict(new_adata)  # doctest: +SKIP
     """
 
     _module_cls = NBModule
 
     def __init__(self, adata: AnnData, *, n_hidden: int = 256, n_layers: int = 1, dropout: float = 0.1,
-                 seed: int = 0):
+                 seed: int | None = None):
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
         emb = np.asarray(self.adata_manager.get_from_registry(NB_KEYS.EMB), dtype=np.float64)
@@ -140,8 +103,11 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         if use_library:
             log_lib = np.asarray(self.adata_manager.get_from_registry(NB_KEYS.LOG_LIB)).ravel()
             log_ref = float(np.mean(log_lib))
+        seed = train_defaults(seed=seed).seed
         self.genes_ = list(args["genes"])
         self.seed_ = int(seed)
+        self.setup_args_ = {k: args[k] for k in ("embedding_key", "layer", "target_key", "genes", "library_size")}
+        self.embedding_provenance_ = embedding_provenance(adata, args["embedding_key"])
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.module = NBModule(
@@ -149,9 +115,13 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
                 use_library=use_library, feature_mean=emb.mean(0), feature_std=emb.std(0),
                 gene_mean=counts.mean(0), log_library_ref=log_ref,
             )
-        self._model_summary_string = (f"NBRegressor: {emb.shape[1]} features → {counts.shape[1]} genes, "
-                                      f"n_hidden={n_hidden}, n_layers={n_layers}, library offset={use_library}")
+        self._set_summary(emb.shape[1], counts.shape[1], n_hidden, n_layers, use_library)
         self.init_params_ = self._get_init_params(locals())
+        self._hparams = {"n_hidden": int(n_hidden), "n_layers": int(n_layers), "dropout": float(dropout)}
+
+    def _set_summary(self, n_in: int, n_genes: int, n_hidden: int, n_layers: int, use_library: bool) -> None:
+        self._model_summary_string = (f"NBRegressor: {n_in} features → {n_genes} genes, "
+                                      f"n_hidden={n_hidden}, n_layers={n_layers}, library offset={use_library}")
 
     @classmethod
     def setup_anndata(
@@ -187,7 +157,7 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
             by the log of each spot's total counts in ``layer`` over all genes. A string: an
             ``.obs`` column with library sizes or size factors.
         **kwargs
-            Passed to :meth:`scvi.data.AnnDataManager.register_fields` (used by ``load``).
+            Passed to :meth:`scvi.data.AnnDataManager.register_fields`.
 
         Examples
         --------
@@ -195,19 +165,15 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         >>> adata = si.datasets.synthetic(50, 10, image=False, as_anndata=True)
         >>> si.models.NBRegressor.setup_anndata(adata, embedding_key="X_synthetic")
         """
+        if adata.n_obs == 0:
+            msg = "adata has no spots (n_obs == 0); register a table with at least one spot."
+            raise ValueError(msg)
         assert_key_in(adata.obsm, embedding_key, where="adata.obsm",
                       hint="Compute image features first, e.g. with si.pp.embed.")
         check_matrix(adata.obsm[embedding_key], f"adata.obsm[{embedding_key!r}]", n_obs=adata.n_obs)
-        genes = _resolve_genes(adata, target_key, genes)
-        src = _counts_source(adata, layer)
-        idx = adata.var_names.get_indexer(genes)
-        y = check_matrix(src[:, idx], "target counts", n_obs=adata.n_obs).astype(np.float32)
-        if (y < 0).any():
-            msg = "counts must be non-negative; pass the raw-count layer with layer=."
-            raise ValueError(msg)
-        if not np.allclose(y, np.round(y)):
-            warn("target counts are not integers; the NB likelihood expects raw counts (pass layer=).")
-        log_lib = _log_library(adata, library_size, layer) if library_size else None
+        genes = resolve_genes(adata, target_key, genes)
+        y = target_counts(adata, genes, layer)
+        log_lib = log_library(adata, library_size, layer) if library_size else None
         args = cls._get_setup_method_args(cls=cls, adata=adata, embedding_key=embedding_key, layer=layer,
                                           target_key=target_key, genes=genes, library_size=library_size)
         adata.obsm[COUNTS_OBSM] = y
@@ -225,37 +191,39 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
             scvi_logger.setLevel(old)
         cls.register_manager(mgr)
 
+    @d.dedent
     def train(
         self,
-        max_epochs: int = 300,
+        max_epochs: int | None = None,
         *,
+        train_indices: Sequence[int] | np.ndarray | str | None = None,
         accelerator: str | None = None,
-        devices: int | str = "auto",
-        train_indices: Sequence[int] | np.ndarray | None = None,
+        devices: int | str | list[int] | None = None,
+        seed: int | None = None,
+        progress: bool | None = None,
         validation_size: float = 0.1,
         early_stopping: bool = True,
         early_stopping_patience: int = 10,
         batch_size: int = 128,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
-        seed: int | None = None,
-        progress: bool | None = None,
         plan_kwargs: dict | None = None,
         **trainer_kwargs: Any,
-    ):
-        """Fit by minimising the NB negative log-likelihood with Adam (scvi-tools training loop).
+    ) -> None:
+        """Fit by minimising the NB negative log-likelihood with AdamW (scvi-tools training loop).
 
         Parameters
         ----------
         max_epochs
-            Maximum number of epochs.
-        accelerator
-            ``"cpu"``, ``"gpu"``, ``"auto"``; ``None`` uses :attr:`stimg.settings.accelerator`.
-        devices
-            Lightning devices.
-        train_indices
-            Rows (integer positions or a boolean mask) to train on; the rest is never seen.
-            ``None`` uses all spots.
+            Maximum number of epochs (``None``: 300).
+        %(train_indices)s
+            Spots outside it are never seen.
+        %(accelerator)s
+        %(devices)s
+        seed
+            Seed of the validation split and minibatch order; ``None`` uses the model's ``seed``
+            (itself :attr:`stimg.settings.seed` by default).
+        %(progress)s
         validation_size
             Fraction of the training rows held out for early stopping (drawn with ``seed``).
         early_stopping
@@ -269,32 +237,28 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
             Learning rate.
         weight_decay
             L2 penalty.
-        seed
-            Seed of the split and minibatch order; ``None`` uses the model's ``seed``.
-        progress
-            Show the epoch progress bar; ``None`` uses :attr:`stimg.settings.progress`.
         plan_kwargs
             Extra :class:`scvi.train.TrainingPlan` arguments.
         **trainer_kwargs
-            Passed to :class:`scvi.train.Trainer`.
+            Passed to :class:`scvi.train.Trainer` (Lightning), e.g. ``strategy='ddp'`` with several
+            ``devices``.
 
         Examples
         --------
-        >>> model.train(max_epochs=100, accelerator="cpu", train_indices=idx)  # doctest: +SKIP
+        >>> model.train(max_epochs=100, accelerator="cpu", train_indices="si_sampled")  # doctest: +SKIP
         """
-        n = self.adata.n_obs
-        tr = check_indices(train_indices, n)
-        check_nonempty(tr.size, "train_indices")
-        seed = self.seed_ if seed is None else int(seed)
-        gen = np.random.default_rng(seed)
-        tr = gen.permutation(np.unique(tr))
-        n_val = int(round(validation_size * tr.size)) if (early_stopping or validation_size > 0) else 0
-        if early_stopping:
-            n_val = max(1, n_val)
-        if n_val >= tr.size:
-            msg = f"validation_size={validation_size} leaves no training spots out of {tr.size}."
+        if self.adata_manager is None:
+            msg = ("This NBRegressor was loaded without a table holding counts of its genes, so it can only "
+                   "predict; pass the training table to NBRegressor.load(path, adata) to train it further.")
+            raise RuntimeError(msg)
+        defaults = train_defaults(accelerator, devices, self.seed_ if seed is None else seed)
+        max_epochs = _DEFAULT_EPOCHS if max_epochs is None else int(max_epochs)
+        if max_epochs < 1 or int(batch_size) < 1:
+            msg = f"max_epochs and batch_size must be ≥ 1, got {max_epochs!r} and {batch_size!r}."
             raise ValueError(msg)
-        val, tr = np.sort(tr[:n_val]), np.sort(tr[n_val:])
+        n = self.adata.n_obs
+        rows = resolve_train_indices(self.adata, train_indices)
+        tr, val = split_train_validation(rows, validation_size, early_stopping, defaults.seed)
         rest = np.setdiff1d(np.arange(n), np.r_[tr, val])
         pk = {"lr": lr, "weight_decay": weight_decay, "optimizer": "AdamW", **(plan_kwargs or {})}
         trainer_kwargs.setdefault("enable_progress_bar", settings.progress if progress is None else progress)
@@ -303,42 +267,126 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         if early_stopping:
             trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
             trainer_kwargs.setdefault("early_stopping_monitor", "elbo_validation")
-            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), _RestoreBest()]
-        elif n_val:
+            trainer_kwargs["callbacks"] = [*trainer_kwargs.get("callbacks", []), restore_best("elbo_validation")]
+        elif val.size:
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        lightning_logger = logging.getLogger("lightning.pytorch")
-        old = lightning_logger.level
-        lightning_logger.setLevel(logging.WARNING)
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                super().train(
-                    max_epochs=max_epochs, accelerator=accelerator or settings.accelerator, devices=devices,
-                    batch_size=batch_size, early_stopping=early_stopping, plan_kwargs=pk,
-                    datasplitter_kwargs={"external_indexing": [tr, val, rest]}, **trainer_kwargs,
-                )
-        finally:
-            lightning_logger.setLevel(old)
+        with quiet_lightning(), torch.random.fork_rng():
+            torch.manual_seed(defaults.seed)
+            super().train(
+                max_epochs=max_epochs, accelerator=defaults.accelerator, devices=defaults.devices,
+                batch_size=batch_size, early_stopping=early_stopping, plan_kwargs=pk,
+                datasplitter_kwargs={"external_indexing": [tr, val, rest]}, **trainer_kwargs,
+            )
         self.train_indices_ = tr
         self.validation_indices_ = val
 
+    # ------------------------------------------------------------------ persistence
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        header = {
+            "hparams": self._hparams, "seed": self.seed_, "setup_args": self.setup_args_, "genes": list(self.genes_),
+            "n_input": int(self.module.feature_mean.shape[0]), "n_genes": int(self.module.n_genes),
+            "use_library": bool(self.module.use_library), "embedding": self.embedding_provenance_,
+            "history": _history_to_json(self.history_),
+        }
+        tensors = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        for name in ("train_indices_", "validation_indices_"):
+            if getattr(self, name, None) is not None:
+                tensors[name] = np.asarray(getattr(self, name), dtype=np.int64)
+        return header, tensors
+
+    @classmethod
+    def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: AnnData | None = None,
+                    **kwargs: Any) -> NBRegressor:
+        if kwargs:
+            msg = f"NBRegressor.load got unexpected arguments {sorted(kwargs)}."
+            raise TypeError(msg)
+        obj = cls.__new__(cls)
+        obj._init_detached()
+        hp = header["hparams"]
+        obj.module = NBModule(header["n_input"], header["n_genes"], use_library=header["use_library"], **hp)
+        obj.module.load_state_dict({k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")})
+        obj.module.eval()
+        obj.genes_, obj.seed_ = list(header["genes"]), int(header["seed"])
+        obj.setup_args_, obj.embedding_provenance_ = dict(header["setup_args"]), dict(header["embedding"])
+        obj._hparams = dict(hp)
+        obj.init_params_ = {"non_kwargs": {}, "kwargs": {**hp, "seed": obj.seed_}}
+        obj.history_ = _history_from_json(header.get("history"))
+        obj.train_indices_ = tensors["train_indices_"].numpy() if "train_indices_" in tensors else None
+        obj.validation_indices_ = (tensors["validation_indices_"].numpy() if "validation_indices_" in tensors
+                                   else None)
+        obj.is_trained_ = True
+        obj._set_summary(header["n_input"], header["n_genes"], hp["n_hidden"], hp["n_layers"], header["use_library"])
+        if adata is not None:
+            obj._attach(adata)
+        return obj
+
+    def _init_detached(self) -> None:
+        """The state :class:`scvi.model.base.BaseModelClass` sets up, without a registered table."""
+        self.id = str(uuid4())
+        self._adata, self._adata_manager, self.registry_, self.summary_stats = None, None, None, {}
+        self._module_init_on_train = False
+        self.is_trained_, self._model_summary_string = False, ""
+        self.train_indices_ = self.test_indices_ = self.validation_indices_ = None
+        self.history_ = None
+        self.get_normalized_function_name_ = "get_normalized_expression"
+        self.run_name_ = f"run_{datetime.now().strftime('%Y-%m-%d_%H-%M-%S')}"
+        self.run_id_ = ""
+
+    def _attach(self, adata: AnnData) -> None:
+        """Make ``adata`` the default table; register it (so training can continue) when it has the genes' counts."""
+        self._adata = adata
+        args = self.setup_args_
+        if args["embedding_key"] in adata.obsm and pd.Index(self.genes_).isin(adata.var_names).all():
+            check_embedding(adata, self.embedding_provenance_)
+            type(self).setup_anndata(adata, **{**args, "target_key": None})
+            mgr = self._get_most_recent_anndata_manager(adata, required=True)
+            self._adata_manager = mgr
+            self._register_manager_for_instance(mgr)
+            self.registry_ = mgr._registry
+            self.summary_stats = AnnDataManager._get_summary_stats_from_registry(self.registry_)
+
     # ------------------------------------------------------------------ inference
     def _embedding_and_library(self, adata: AnnData, library_size: str) -> tuple[np.ndarray, np.ndarray | None]:
-        args = self.adata_manager.registry["setup_args"]
-        key = args["embedding_key"]
-        assert_key_in(adata.obsm, key, where="adata.obsm", hint="Embed the new table with the same encoder.")
+        args = self.setup_args_
+        key = check_embedding(adata, self.embedding_provenance_, embedding_key=args["embedding_key"])
         emb = check_matrix(adata.obsm[key], f"adata.obsm[{key!r}]", n_obs=adata.n_obs,
                            n_cols=int(self.module.feature_mean.shape[0])).astype(np.float32)
         lib = None
         if self.module.use_library:
             if library_size == "observed":
-                lib = _log_library(adata, args["library_size"], args["layer"]).astype(np.float32)
+                lib = log_library(adata, args["library_size"], args["layer"]).astype(np.float32)
             elif library_size != "reference":
                 msg = f"library_size must be 'observed' or 'reference', got {library_size!r}."
                 raise ValueError(msg)
         return emb, lib
 
+    def _table(self, adata: AnnData | None) -> AnnData:
+        adata = self.adata if adata is None else adata
+        if adata is None:
+            msg = "This model has no table attached; pass adata holding its embedding (e.g. model.predict(adata))."
+            raise ValueError(msg)
+        if not isinstance(adata, AnnData):
+            from ..._spatial import get_table
+
+            adata = get_table(adata)
+        return adata
+
     @torch.inference_mode()
+    def _nb_params(self, adata: AnnData | None, batch_size: int, library_size: str) -> tuple[np.ndarray, np.ndarray]:
+        adata = self._table(adata)
+        emb, lib = self._embedding_and_library(adata, library_size)
+        self.module.eval()
+        rs, bs = [], []
+        for i in range(0, emb.shape[0], batch_size):
+            lb = None if lib is None else torch.from_numpy(lib[i:i + batch_size])
+            o = self.module.inference(torch.from_numpy(emb[i:i + batch_size]), lb)
+            rs.append(o["r"].double().cpu())
+            bs.append(o["logits"].double().cpu())
+        g = int(self.module.n_genes)
+        if not rs:
+            return np.zeros((0, g)), np.zeros((0, g))
+        return torch.cat(rs).numpy(), torch.cat(bs).numpy()
+
     def get_nb_params(self, adata: AnnData | None = None, *, batch_size: int = 1024,
                       library_size: str = "observed") -> tuple[np.ndarray, np.ndarray]:
         """NB ``r`` and success logits (``p = sigmoid(logits)``), each ``(n_obs, n_genes)``.
@@ -347,7 +395,7 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         ----------
         adata
             Any table with the model's embedding in ``.obsm`` (its genes do not matter); ``None``
-            uses the training table.
+            uses the attached table.
         batch_size
             Spots per forward pass.
         library_size
@@ -358,16 +406,11 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> r, logits = model.get_nb_params(adata)  # doctest: +SKIP
         """
-        adata = self.adata if adata is None else adata
-        emb, lib = self._embedding_and_library(adata, library_size)
-        self.module.eval()
-        rs, bs = [], []
-        for i in range(0, emb.shape[0], batch_size):
-            lb = None if lib is None else torch.from_numpy(lib[i:i + batch_size])
-            o = self.module.inference(torch.from_numpy(emb[i:i + batch_size]), lb)
-            rs.append(o["r"].double().cpu())
-            bs.append(o["logits"].double().cpu())
-        return torch.cat(rs).numpy(), torch.cat(bs).numpy()
+        check_trained(self)
+        if int(batch_size) < 1:
+            msg = f"batch_size must be ≥ 1, got {batch_size!r}."
+            raise ValueError(msg)
+        return self._nb_params(adata, int(batch_size), library_size)
 
     def get_mean_variance(self, adata: AnnData | None = None, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """NB mean ``r(1−p)/p`` and variance ``r(1−p)/p²`` on the count scale, each ``(n_obs, n_genes)``.
@@ -375,7 +418,7 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         adata
-            Table with the embedding (``None``: training table).
+            Table with the embedding (``None``: the attached table).
         **kwargs
             Passed to :meth:`get_nb_params`.
 
@@ -398,7 +441,8 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         adata
-            Table with the embedding; it may hold any genes (``None``: training table).
+            Table with the embedding (from the encoder the model was trained with; checked); it may
+            hold any genes (``None``: the attached table).
         scale
             ``'log1p'`` or ``'counts'``.
         **kwargs
@@ -412,34 +456,49 @@ class NBRegressor(UnsupervisedTrainingMixin, BaseModelClass):
         --------
         >>> pred = model.predict(adata)  # doctest: +SKIP
         """
+        _check_scale(scale)
         r, b = self.get_nb_params(adata, **kwargs)
         mean, var = _moments(r, b, scale)
         return ExpressionPrediction(mean=mean, var_names=list(self.genes_), scale=scale, aleatoric=var)
 
-    def predict_interval(self, adata: AnnData | None = None, *, level: float = 0.9, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    def predict_interval(self, adata: AnnData | None = None, *, level: float = 0.9,
+                         **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
         """Central predictive interval of the counts: NB quantiles ``(1 ± level)/2``.
 
         Examples
         --------
         >>> lo, hi = model.predict_interval(adata, level=0.9)  # doctest: +SKIP
         """
+        _check_level(level)
         r, b = self.get_nb_params(adata, **kwargs)
         return _interval(r[None], b[None], level)
 
 
-def _moments(r: np.ndarray, b: np.ndarray, scale: str) -> tuple[np.ndarray, np.ndarray]:
-    if scale == "log1p":
-        return nb_log1p_moments(r, b)
-    if scale == "counts":
-        m, v = nb_mean_var(torch.from_numpy(r), torch.from_numpy(b))
-        return m.numpy(), v.numpy()
-    msg = f"scale must be 'log1p' or 'counts', got {scale!r}."
-    raise ValueError(msg)
+def _check_scale(scale: str) -> None:
+    if scale not in ("log1p", "counts"):
+        msg = f"scale must be 'log1p' or 'counts', got {scale!r}."
+        raise ValueError(msg)
 
 
-def _interval(r: np.ndarray, b: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+def _check_level(level: float) -> None:
     if not 0 < level < 1:
         msg = f"level must be in (0, 1), got {level!r}."
         raise ValueError(msg)
+
+
+def _moments(r: np.ndarray, b: np.ndarray, scale: str) -> tuple[np.ndarray, np.ndarray]:
+    _check_scale(scale)
+    if r.shape[0] == 0:
+        return np.zeros(r.shape), np.zeros(r.shape)
+    if scale == "log1p":
+        return nb_log1p_moments(r, b)
+    m, v = nb_mean_var(torch.from_numpy(r), torch.from_numpy(b))
+    return m.numpy(), v.numpy()
+
+
+def _interval(r: np.ndarray, b: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    _check_level(level)
+    if r.shape[1] == 0:
+        return np.zeros(r.shape[1:]), np.zeros(r.shape[1:])
     lo, hi = nb_mixture_quantiles(r, b, ((1 - level) / 2, (1 + level) / 2))
     return lo, hi

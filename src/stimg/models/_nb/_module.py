@@ -86,6 +86,8 @@ class NBModule(BaseModuleClass):
     @auto_move_data
     def inference(self, emb: torch.Tensor, log_library: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """NB parameters ``r`` and success ``logits`` per spot and gene."""
+        if not isinstance(emb, torch.Tensor):  # ndarray subclasses (anndata's ArrayView) skip torch's collation
+            emb = torch.as_tensor(np.asarray(emb), device=self.feature_mean.device)
         h = self.body((emb.float() - self.feature_mean) / self.feature_std)
         a, b = self.head(h).split(self.n_genes, dim=-1)
         r = F.softplus(a) + 1e-4
@@ -119,9 +121,10 @@ def _nodes(kmax: float, n_exact: int, n_log: int) -> tuple[torch.Tensor, torch.T
     Every count below ``n_exact``, then ``n_log`` log-spaced counts up to ``kmax`` weighted by the
     gap they stand for (trapezoid rule).
     """
+    if kmax <= n_exact:  # every count 0 … ceil(kmax) (which may be n_exact itself), unit weights
+        n = max(2, math.ceil(kmax) + 1)
+        return torch.arange(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     exact = torch.arange(n_exact, dtype=torch.float64)
-    if kmax <= n_exact:
-        return exact[: max(2, math.ceil(kmax) + 1)], torch.zeros(max(2, math.ceil(kmax) + 1), dtype=torch.float64)
     tail = torch.unique(torch.round(torch.logspace(math.log10(n_exact), math.log10(kmax), n_log, dtype=torch.float64)))
     y = torch.cat([exact, tail[tail >= n_exact]])
     w = torch.ones_like(y)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._base import ModelIO
 
-class SamplingPolicy(nn.Module):
+
+class SamplingPolicy(ModelIO, nn.Module):
     """Scores spots from their image embeddings; samples k spots per round without replacement.
 
     ``π(e) = W2·ReLU(W1·e)`` (``n_hidden`` = 128 as in SCR²-ST); a softmax over the
@@ -41,6 +43,8 @@ class SamplingPolicy(nn.Module):
     >>> picked = policy.sample(emb, np.ones(100, bool), k=5)
     >>> len(set(picked.tolist()))
     5
+    >>> policy.save("policy.stimg")  # weights, optimiser and sampler state; no pickle  # doctest: +SKIP
+    >>> policy = si.models.SamplingPolicy.load("policy.stimg")  # doctest: +SKIP
     """
 
     def __init__(self, n_input: int, n_hidden: int = 128, *, lr: float = 1e-3,
@@ -56,6 +60,7 @@ class SamplingPolicy(nn.Module):
         self.baseline, self.reward_var, self.n_updates = 0.0, 1.0, 0
         self._gen = gen
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        self.is_trained_ = True  # usable from initialisation (the first SCRL round is random anyway)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         """Scores ``π(e)``, shape ``(n,)``."""
@@ -179,16 +184,27 @@ class SamplingPolicy(nn.Module):
             self.optimizer.step()
         return float(loss.detach())
 
-    def save(self, path: str | Path) -> None:
-        """Save weights and hyper-parameters."""
-        torch.save({"state": self.state_dict(), "n_input": self.n_input, "n_hidden": self.n_hidden,
-                    "lr": self.lr, "baseline": self.baseline, "reward_var": self.reward_var}, Path(path))
+    # ------------------------------------------------------------------ persistence
+    def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        tensors: dict[str, Any] = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        tensors["generator_state"] = self._gen.get_state()
+        opt = self.optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{i}.{k}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        header = {"n_input": self.n_input, "n_hidden": self.n_hidden, "lr": self.lr,
+                  "baseline_momentum": self.momentum, "baseline": self.baseline, "reward_var": self.reward_var,
+                  "n_updates": self.n_updates, "optim_param_groups": opt["param_groups"],
+                  "optim_state_keys": {str(i): sorted(st) for i, st in opt["state"].items()}}
+        return header, tensors
 
     @classmethod
-    def load(cls, path: str | Path) -> SamplingPolicy:
-        """Load a policy written by :meth:`save`."""
-        ck = torch.load(Path(path), map_location="cpu", weights_only=False)
-        pol = cls(ck["n_input"], ck["n_hidden"], lr=ck["lr"])
-        pol.load_state_dict(ck["state"])
-        pol.baseline, pol.reward_var = ck["baseline"], ck["reward_var"]
+    def _from_state(cls, header: dict[str, Any], tensors: dict[str, Any], adata: Any = None,
+                    **kwargs: Any) -> SamplingPolicy:
+        pol = cls(header["n_input"], header["n_hidden"], lr=header["lr"], baseline_momentum=header["baseline_momentum"])
+        pol.net.load_state_dict({k[len("net."):]: v for k, v in tensors.items() if k.startswith("net.")})
+        pol._gen.set_state(tensors["generator_state"])
+        state = {int(i): {k: tensors[f"optim.{i}.{k}"] for k in keys} for i, keys in header["optim_state_keys"].items()}
+        pol.optimizer.load_state_dict({"state": state, "param_groups": header["optim_param_groups"]})
+        pol.baseline, pol.reward_var, pol.n_updates = header["baseline"], header["reward_var"], header["n_updates"]
         return pol

@@ -1,0 +1,51 @@
+"""Regression tests for NB crashes found while adding spatial context (issue 15, item 4)."""
+
+import numpy as np
+import pytest
+import scipy.optimize as so
+import scipy.stats as st
+
+import stimg as si
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # lightning/scvi chatter
+
+
+@pytest.mark.parametrize("kmax", [1.2, 62.0, 63.01, 63.5, 64.0])
+def test_nodes_and_weights_match_at_the_exact_support_edge(kmax):
+    from stimg.models._nb._module import _nodes
+
+    y, lw = _nodes(kmax, 64, 192)
+    assert y.shape == lw.shape
+    assert y[0] == 0 and y[-1] >= kmax and np.all(np.diff(y.numpy()) == 1)
+
+
+def test_log1p_moments_when_support_bound_lies_in_63_64():
+    """A block whose support bound mean + 10 sd is in (63, 64] used to crash (64 nodes, 65 weights)."""
+    from stimg.models._nb._module import nb_log1p_moments, nb_mixture_quantiles
+
+    r = 3.0
+    m = so.brentq(lambda m: m + 10 * np.sqrt(m * (1 + m / r)) - 63.5, 0.01, 60)
+    logits = np.full((4, 1), np.log(r / m))
+    m1, v = nb_log1p_moments(np.full((4, 1), r), logits)
+    p = 1 / (1 + np.exp(-logits[0, 0]))
+    y = np.arange(5000)
+    pmf = st.nbinom.pmf(y, r, p)
+    assert m1[0, 0] == pytest.approx((pmf * np.log1p(y)).sum(), rel=1e-6)
+    assert v[0, 0] == pytest.approx((pmf * np.log1p(y) ** 2).sum() - m1[0, 0] ** 2, rel=1e-4)
+    lo, hi = nb_mixture_quantiles(np.full((1, 4, 1), r), logits[None], (0.05, 0.95))
+    assert hi[0, 0] == st.nbinom.ppf(0.95, r, p) and lo[0, 0] == st.nbinom.ppf(0.05, r, p)
+
+
+def test_nb_trains_on_an_obsm_entry_taken_from_another_tables_view(accelerator):
+    a = si.datasets.synthetic(120, 8, image=False, as_anndata=True, seed=1)
+    b = a.copy()
+    a.obsm["X_view"] = b[np.arange(a.n_obs)].obsm["X_synthetic"]  # an anndata ArrayView, not an ndarray
+    assert type(a.obsm["X_view"]) is not np.ndarray
+    si.models.NBRegressor.setup_anndata(a, embedding_key="X_view")
+    model = si.models.NBRegressor(a, n_hidden=8)
+    model.train(max_epochs=2, accelerator=accelerator, progress=False)
+    pred = model.predict(a)
+    assert np.isfinite(pred.mean).all() and pred.mean.shape == (120, 8)
+    ens = si.models.NBEnsemble(a, n_members=2, n_hidden=8)
+    ens.train(max_epochs=1, accelerator=accelerator)
+    assert np.isfinite(ens.predict(a).epistemic).all()
