@@ -48,14 +48,27 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-#: name -> (method, method_kwargs). ``prior`` is filled in with the one fitted single-cell prior.
+#: name -> (method, method_kwargs). ``prior=True`` is replaced by the one fitted scVI single-cell prior.
+_PAPER = {"prior": True, "weights": (20.0, 5.0, 10.0, 0.0, 0.0), "start": "random", "state": False,
+          "baseline": "running", "n_rollouts": 8}
 SAMPLERS: dict[str, tuple[str, dict]] = {
     "random": ("random", {}),
     "grid": ("grid", {}),
     "kmeans": ("kmeans", {}),
     "diversity": ("diversity", {}),
     "uncertainty": ("uncertainty", {}),
-    "scrl": ("scrl", {"prior": True}),
+    "scrl": ("scrl", {"prior": True}),  # the library's default settings (+ the reference prior)
+    # SCR²-ST as published (sign of D_cover fixed, tissue units), then one change at a time
+    "scrl_paper": ("scrl", _PAPER),
+    "scrl_paper+img": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 20.0, 0.0)}),
+    "scrl_paper+unc": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 0.0, 2.0)}),
+    "scrl_paper+state": ("scrl", {**_PAPER, "state": True}),
+    "scrl_paper+rloo": ("scrl", {**_PAPER, "baseline": "rloo"}),
+    "scrl_paper+r32": ("scrl", {**_PAPER, "n_rollouts": 32}),
+    "scrl_paper+kmstart": ("scrl", {**_PAPER, "start": "kmeans"}),
+    "scrl_img_only": ("scrl", {**_PAPER, "weights": (0.0, 0.0, 0.0, 20.0, 0.0)}),
+    "scrl_all": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 20.0, 2.0), "state": True, "baseline": "rloo",
+                          "n_rollouts": 32, "start": "kmeans"}),
 }
 BUDGETS = (0.1, 0.25, 0.5)
 KEY_COLS = ["fold", "sampler", "budget", "seed", "model", "genes"]
