@@ -242,6 +242,8 @@ class RewardState:
         ``(n, d)`` image features for ``R_img`` (:func:`image_coverage_reward`); ``None`` disables it.
     cover_sample
         Above this many spots, ``D_cover`` is averaged over a fixed random subset of this size.
+    img_sample
+        Likewise for the image-coverage term ``R_img``.
     pair_sample
         Above this many committed samples in a section, distances from a candidate to them are
         summed over a random subset of this size and scaled up (``D_disp`` estimate).
@@ -256,6 +258,7 @@ class RewardState:
     weights: RewardWeights = field(default_factory=RewardWeights)
     feat: np.ndarray | None = None
     cover_sample: int | None = 20_000
+    img_sample: int | None = 5_000
     pair_sample: int | None = 2_000
     seed: int = 0
 
@@ -270,7 +273,10 @@ class RewardState:
         self._cover_xy = np.asarray(self.xy, dtype=np.float64)[sub]
         if self.feat is not None:
             self.feat = np.asarray(self.feat, dtype=np.float64)
-            self._cover_feat = self.feat[sub]
+            isub = sub
+            if self.img_sample is not None and len(sub) > self.img_sample:  # 50-d distances cost more
+                isub = np.sort(np.random.default_rng([self.seed, 1]).choice(sub, self.img_sample, replace=False))
+            self._cover_feat = self.feat[isub]
             self.near_img0 = np.linalg.norm(self._cover_feat - self.feat.mean(0), axis=1)
             self.near_img = self.near_img0.copy()
         else:

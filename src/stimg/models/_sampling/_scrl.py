@@ -47,15 +47,27 @@ def _surrogate(feat: np.ndarray, revealed: np.ndarray, labels: np.ndarray | None
     return labels[nn]
 
 
-def _state_features(feat: np.ndarray, xy: np.ndarray, sampled: np.ndarray) -> np.ndarray:
-    """Per spot: distance to the nearest sampled spot in image space and in the tissue, each / its mean."""
-    idx = np.flatnonzero(sampled)
-    if len(idx) == 0:
-        return np.ones((len(feat), 2), dtype=np.float32)
-    d_img = nearest_distance(feat, feat[idx])
-    d_xy = cover_distance(xy, xy[idx])
-    out = np.c_[d_img / max(d_img.mean(), 1e-12), d_xy / max(d_xy.mean(), 1e-12)]
-    return out.astype(np.float32)
+class _StateFeatures:
+    """Per spot: distance to the nearest sampled spot in image space and in the tissue, each / its mean.
+
+    Updated incrementally as spots are committed (no recomputation over the whole sampled set).
+    """
+
+    def __init__(self, feat: np.ndarray, xy: np.ndarray) -> None:
+        self.feat, self.xy = feat, xy
+        self.d_img = np.full(len(feat), np.inf)
+        self.d_xy = np.full(len(feat), np.inf)
+
+    def add(self, idx: np.ndarray) -> None:
+        if len(idx):
+            self.d_img = np.minimum(self.d_img, nearest_distance(self.feat, self.feat[idx]))
+            self.d_xy = np.minimum(self.d_xy, cover_distance(self.xy, self.xy[idx]))
+
+    def __call__(self) -> np.ndarray:
+        if not np.isfinite(self.d_img).any():
+            return np.ones((len(self.feat), 2), dtype=np.float32)
+        out = np.c_[self.d_img / max(self.d_img.mean(), 1e-12), self.d_xy / max(self.d_xy.mean(), 1e-12)]
+        return out.astype(np.float32)
 
 
 def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, labeler: Labeler, *,
@@ -109,6 +121,7 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
     cl = np.full(n, -1, dtype=np.int64)
     ty = np.full(n, -1, dtype=np.int64)
     sur = emb[:, : min(surrogate_dims, emb.shape[1])]
+    st = _StateFeatures(feat, xy) if state_features else None
     if initial is not None and len(initial):
         c0, t0 = initial_labels if initial_labels is not None else (None, None)
         if c0 is not None:
@@ -116,6 +129,8 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
         if t0 is not None:
             ty[initial] = t0
         state.add(initial, c0, t0)
+        if st is not None:
+            st.add(initial)
     sizes = _round_sizes(budget, n_rounds)
     rounds: list[np.ndarray] = []
     records: list[dict] = []
@@ -129,7 +144,7 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
         if len(revealed) == 0 and start is not None:
             pick = np.asarray(start(k), dtype=np.int64)
         else:
-            inp = np.c_[emb, _state_features(feat, xy, state.sampled)] if state_features else emb
+            inp = np.c_[emb, st()] if st is not None else emb
             scores = np.where(avail, policy.scores(inp), -np.inf)
             unc = None
             if uncertainty is not None and weights.unc > 0 and len(revealed) >= 2:
@@ -167,6 +182,8 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
             ty[pick] = t_new
         before = state.current()["total"]
         state.add(pick, c_new, t_new)
+        if st is not None:
+            st.add(pick)
         if labeler.recluster is not None:
             idx = np.flatnonzero(state.sampled)
             c_all, t_all = labeler.recluster(idx)
