@@ -69,6 +69,11 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
     "scrl_img_only": ("scrl", {**_PAPER, "weights": (0.0, 0.0, 0.0, 20.0, 0.0)}),
     "scrl_all": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 20.0, 2.0), "state": True, "baseline": "rloo",
                           "n_rollouts": 32, "start": "kmeans"}),
+    # image coverage + state + RLOO + 32 rollouts (no uncertainty term, no k-means start); then image weight 50
+    "scrl_cov": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 20.0, 0.0), "state": True, "baseline": "rloo",
+                          "n_rollouts": 32}),
+    "scrl_cov_img50": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 50.0, 0.0), "state": True,
+                                "baseline": "rloo", "n_rollouts": 32}),
 }
 BUDGETS = (0.1, 0.25, 0.5)
 KEY_COLS = ["fold", "sampler", "budget", "seed", "model", "genes"]
@@ -95,6 +100,36 @@ def load_table(cache: Path):
     cache.parent.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(cache)
     return out
+
+
+class CachedPrior:
+    """The fitted single-cell prior's labels of every spot, looked up by the spot's counts.
+
+    scVI embeds each spot from its own counts (the encoder's posterior mean), so a spot's nearest
+    centroid and nearest-cell type are fixed: the prior is fitted once (``--prior-cache``), the labels
+    of all spots stored, and later runs look them up — identical SCRL results without refitting scVI.
+    """
+
+    def __init__(self, path: Path) -> None:
+        z = np.load(path, allow_pickle=False)
+        self.n_centroids, self.n_types = int(z["n_centroids"]), int(z["n_types"])
+        self._lookup = {h: i for i, h in enumerate(z["hashes"].tolist())}
+        self._cl, self._ty = z["clusters"], z["types"]
+        self.encoder = type("ScviGeneEncoder", (), {})()
+
+    @staticmethod
+    def hashes(x) -> np.ndarray:
+        import hashlib
+
+        x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.array([hashlib.sha1(r.tobytes()).hexdigest() for r in x])
+
+    def embed(self, adata, layer=None) -> np.ndarray:
+        return np.array([self._lookup[h] for h in self.hashes(adata.X)], dtype=np.int64)
+
+    def label(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._cl[rows], self._ty[rows]
 
 
 def fit_predict(model: str, pool, test, genes: list[str], key: str, seed: int, a) -> np.ndarray:
@@ -126,8 +161,12 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
     p.add_argument("--nb-members", type=int, default=3)
     p.add_argument("--nb-epochs", type=int, default=100)
     p.add_argument("--prior-encoder", default="scvi")
+    p.add_argument("--prior-cache", type=Path, default=Path("/work/cache/sampling/prior_scvi_labels.npz"),
+                   help="labels of every spot from the fitted prior (written on the first run, reused after)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_sampling.csv")
     p.add_argument("--table-cache", type=Path, default=Path("/work/cache/sampling/her2st_CA1_eff.h5ad"))
+    p.add_argument("--order", choices=["fold", "sampler"], default="fold",
+                   help="loop folds then samplers (default) or samplers then folds")
     p.add_argument("--summary", action="store_true", help="only print the tables of --out")
     a = p.parse_args()
     if a.summary:
@@ -155,58 +194,71 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
 
     def get_prior():
         nonlocal prior
+        if prior is None and a.prior_cache is not None and a.prior_cache.exists():
+            prior = CachedPrior(a.prior_cache)
         if prior is None:
             t = time.perf_counter()
             ref = si.datasets.her2st_sc_reference()
             prior = si.models.SingleCellPrior(ref, "celltype_major", encoder=a.prior_encoder, seed=0).fit(
                 adata.var_names)
             print(f"single-cell prior ({a.prior_encoder}) fitted in {time.perf_counter() - t:.0f}s", flush=True)
+            if a.prior_cache is not None:
+                cl, ty = prior.label(prior.embed(adata))
+                a.prior_cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(a.prior_cache, hashes=CachedPrior.hashes(adata.X), clusters=cl, types=ty,
+                         n_centroids=prior.n_centroids, n_types=prior.n_types)
         return prior
 
     def key(*parts) -> tuple:
         return tuple(str(x) for x in parts)
 
-    for fold in folds:
-        gene_sets = {}
-        if "hvg50" in a.genes:
-            gene_sets["hvg50"] = P.fold_data(adata, fold, n_genes=50, method="hvg")
-        if "var300" in a.genes:
-            gene_sets["var300"] = P.fold_data(adata, fold, n_genes=300, method="variance")
-        d0 = next(iter(gene_sets.values()))
-        pool = adata[d0.train].copy()
-        test = adata[d0.test].copy()
-        jobs = [(m, g) for m in a.models for g in gene_sets if m == "ridge" or g in a.nb_genes]
-        for name in a.samplers:
-            method, kw0 = SAMPLERS[name]
-            for seed in a.seeds:
-                for budget in a.budgets:
-                    todo = [(m, g) for m, g in jobs if key(fold.name, name, budget, seed, m, g) not in done]
-                    if not todo:
-                        continue
-                    kw = dict(kw0)
-                    if kw.get("prior") is True:
-                        kw["prior"] = get_prior()
-                    t0 = time.perf_counter()
-                    sel = si.tl.active_sample(pool, budget, method=method, embedding_key=P.EMBED_KEY,
-                                              library_key="library_id", seed=seed, inplace=False, progress=False,
-                                              **kw)
-                    t_sel = time.perf_counter() - t0
-                    mask = sel.iloc[:, 0].to_numpy(bool)
-                    rows = []
-                    for m, g in todo:
-                        d = gene_sets[g]
-                        t1 = time.perf_counter()
-                        pred = fit_predict(m, pool[mask], test, d.genes, P.EMBED_KEY, seed, a)
-                        sc = P.score(d, pred)
-                        t_fit = time.perf_counter() - t1
-                        base = {"fold": fold.name, "kind": fold.kind, "sampler": name, "budget": budget,
-                                "seed": seed, "model": m, "genes": g, "n_sampled": int(mask.sum()),
-                                "select_s": round(t_sel, 2), "fit_s": round(t_fit, 2)}
-                        rows += [{**base, "metric": k, "value": v} for k, v in sc.items()]
-                        done.add(key(fold.name, name, budget, seed, m, g))
-                    pd.DataFrame(rows).to_csv(a.out, mode="a", header=not a.out.exists(), index=False)
-                    pcc = {f"{r['model']}/{r['genes']}": round(r["value"], 3) for r in rows if r["metric"] == "pcc"}
-                    print(f"{fold.name:12s} {name:22s} {budget:.2f} s{seed} sel {t_sel:5.1f}s {pcc}", flush=True)
+    cache: dict[str, tuple] = {}
+
+    def fold_arrays(fold):
+        if fold.name not in cache:
+            gene_sets = {}
+            if "hvg50" in a.genes:
+                gene_sets["hvg50"] = P.fold_data(adata, fold, n_genes=50, method="hvg")
+            if "var300" in a.genes:
+                gene_sets["var300"] = P.fold_data(adata, fold, n_genes=300, method="variance")
+            d0 = next(iter(gene_sets.values()))
+            cache[fold.name] = (gene_sets, adata[d0.train].copy(), adata[d0.test].copy())
+        return cache[fold.name]
+
+    order = ([(f, s) for f in folds for s in a.samplers] if a.order == "fold"
+             else [(f, s) for s in a.samplers for f in folds])
+    for fold, name in order:
+        method, kw0 = SAMPLERS[name]
+        for seed in a.seeds:
+            for budget in a.budgets:
+                jobs = [(m, g) for m in a.models for g in a.genes if m == "ridge" or g in a.nb_genes]
+                todo = [(m, g) for m, g in jobs if key(fold.name, name, budget, seed, m, g) not in done]
+                if not todo:
+                    continue
+                gene_sets, pool, test = fold_arrays(fold)
+                kw = dict(kw0)
+                if kw.get("prior") is True:
+                    kw["prior"] = get_prior()
+                t0 = time.perf_counter()
+                sel = si.tl.active_sample(pool, budget, method=method, embedding_key=P.EMBED_KEY,
+                                          library_key="library_id", seed=seed, inplace=False, progress=False, **kw)
+                t_sel = time.perf_counter() - t0
+                mask = sel.iloc[:, 0].to_numpy(bool)
+                rows = []
+                for m, g in todo:
+                    d = gene_sets[g]
+                    t1 = time.perf_counter()
+                    pred = fit_predict(m, pool[mask], test, d.genes, P.EMBED_KEY, seed, a)
+                    sc = P.score(d, pred)
+                    t_fit = time.perf_counter() - t1
+                    base = {"fold": fold.name, "kind": fold.kind, "sampler": name, "budget": budget,
+                            "seed": seed, "model": m, "genes": g, "n_sampled": int(mask.sum()),
+                            "select_s": round(t_sel, 2), "fit_s": round(t_fit, 2)}
+                    rows += [{**base, "metric": k, "value": v} for k, v in sc.items()]
+                    done.add(key(fold.name, name, budget, seed, m, g))
+                pd.DataFrame(rows).to_csv(a.out, mode="a", header=not a.out.exists(), index=False)
+                pcc = {f"{r['model']}/{r['genes']}": round(r["value"], 3) for r in rows if r["metric"] == "pcc"}
+                print(f"{fold.name:12s} {name:22s} {budget:.2f} s{seed} sel {t_sel:5.1f}s {pcc}", flush=True)
     summarize(pd.read_csv(a.out))
 
 

@@ -270,8 +270,8 @@ class SCRLSampler:
       sample, both in units of the section's size (worse coverage is penalised);
     - ``R_img``: coverage of image-feature space (standardised PCA-50 of the embedding; see
       :func:`~stimg.models._sampling._rewards.image_coverage_reward`) — not in SCR²-ST;
-    - ``R_unc``: mean MC-dropout uncertainty (relative to the mean over unsampled spots) of an MLP
-      trained on the revealed spots' expression — not in SCR²-ST.
+    - ``R_unc``: mean MC-dropout uncertainty (10 passes, relative to the mean over unsampled spots)
+      of an MLP trained on the revealed spots' 50 most variable genes — not in SCR²-ST.
 
     Expression is read only for spots already chosen; labels of candidates not yet revealed are
     estimated from their nearest revealed spot in image space. The policy is updated by REINFORCE
@@ -421,13 +421,14 @@ class SCRLSampler:
             from ._baselines import mc_dropout_variance
 
             xt = torch.as_tensor(x_pol)
-            torch.manual_seed(ctx.seed)
 
             def uncertainty(revealed, free):
                 known = revealed[ctx.known[revealed]]
                 y = np.log1p(ctx.expression(known))
-                y = y[:, np.argsort(-y.var(0))[:300]]
-                return mc_dropout_variance(xt, known, y, free, epochs=100)
+                y = y[:, np.argsort(-y.var(0))[:50]]  # the 50 most variable genes of the revealed spots
+                with torch.random.fork_rng():  # own stream: independent of other torch users (e.g. scVI)
+                    torch.manual_seed(ctx.seed * 100_003 + len(known))
+                    return mc_dropout_variance(xt, known, y, free, n_passes=10, epochs=100)
 
         policy = SamplingPolicy(x_pol.shape[1] + (2 if self.state else 0), 128, lr=self.lr, seed=ctx.seed)
 
