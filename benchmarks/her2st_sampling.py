@@ -17,6 +17,7 @@ Downstream models:
 
 The run is incremental: every (fold, sampler, budget, seed, model, genes) row is appended to the CSV
 as soon as it is measured, and rows already in the CSV are skipped, so an interrupted run resumes.
+The chosen spots are stored too (``--selections``), so adding a model later does not sample again.
 Everything runs single-threaded (``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``).
 
 Usage::
@@ -74,6 +75,16 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
                           "n_rollouts": 32}),
     "scrl_cov_img50": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 50.0, 0.0), "state": True,
                                 "baseline": "rloo", "n_rollouts": 32}),
+    # reward weights tuned on the C folds only: (w_img, w_unc) on top of the paper's (20, 5, 10)
+    **{f"scrl_cov_img{wi:g}_unc{wu:g}": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, float(wi), float(wu)),
+                                                   "state": True, "baseline": "rloo", "n_rollouts": 32})
+       for wi, wu in ((50, 2), (50, 5), (100, 0), (100, 2))},
+    # with the uncertainty term the state-aware policy also sees each spot's uncertainty (from here on)
+    "scrl_paper+unc5": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 0.0, 5.0)}),
+    "scrl_su_unc5": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 0.0, 5.0), "state": True, "baseline": "rloo",
+                              "n_rollouts": 32}),
+    "scrl_su_img50_unc5": ("scrl", {**_PAPER, "weights": (20.0, 5.0, 10.0, 50.0, 5.0), "state": True,
+                                    "baseline": "rloo", "n_rollouts": 32}),
 }
 BUDGETS = (0.1, 0.25, 0.5)
 KEY_COLS = ["fold", "sampler", "budget", "seed", "model", "genes"]
@@ -165,6 +176,9 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                    help="labels of every spot from the fitted prior (written on the first run, reused after)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "her2st_sampling.csv")
     p.add_argument("--table-cache", type=Path, default=Path("/work/cache/sampling/her2st_CA1_eff.h5ad"))
+    p.add_argument("--selections", type=Path, default=HERE / "results" / "her2st_sampling_selections.csv",
+                   help="spots chosen per fold/sampler/budget/seed, reused by later runs (delete rows of a "
+                        "sampler whose code changed)")
     p.add_argument("--order", choices=["fold", "sampler"], default="fold",
                    help="loop folds then samplers (default) or samplers then folds")
     p.add_argument("--summary", action="store_true", help="only print the tables of --out")
@@ -190,6 +204,11 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
         prev = pd.read_csv(a.out)
         done = set(map(tuple, prev[KEY_COLS].astype(str).drop_duplicates().to_numpy()))
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    selections: dict[tuple, tuple[np.ndarray, float]] = {}  # chosen spots, reused by later runs (other models)
+    if a.selections.exists():
+        for r in pd.read_csv(a.selections, dtype={"indices": str}).itertuples():
+            idx = np.array([int(i) for i in str(r.indices).split()], dtype=np.int64)
+            selections[(str(r.fold), str(r.sampler), str(r.budget), str(r.seed))] = (idx, float(r.select_s))
     prior = None
 
     def get_prior():
@@ -239,11 +258,23 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
                 kw = dict(kw0)
                 if kw.get("prior") is True:
                     kw["prior"] = get_prior()
-                t0 = time.perf_counter()
-                sel = si.tl.active_sample(pool, budget, method=method, embedding_key=P.EMBED_KEY,
-                                          library_key="library_id", seed=seed, inplace=False, progress=False, **kw)
-                t_sel = time.perf_counter() - t0
-                mask = sel.iloc[:, 0].to_numpy(bool)
+                skey = key(fold.name, name, budget, seed)
+                if skey in selections:
+                    mask = np.zeros(pool.n_obs, bool)
+                    mask[selections[skey][0]] = True
+                    t_sel = selections[skey][1]
+                else:
+                    t0 = time.perf_counter()
+                    sel = si.tl.active_sample(pool, budget, method=method, embedding_key=P.EMBED_KEY,
+                                              library_key="library_id", seed=seed, inplace=False, progress=False,
+                                              **kw)
+                    t_sel = time.perf_counter() - t0
+                    mask = sel.iloc[:, 0].to_numpy(bool)
+                    selections[skey] = (np.flatnonzero(mask), t_sel)
+                    pd.DataFrame([{"fold": fold.name, "sampler": name, "budget": budget, "seed": seed,
+                                   "select_s": round(t_sel, 2),
+                                   "indices": " ".join(map(str, np.flatnonzero(mask)))}]).to_csv(
+                        a.selections, mode="a", header=not a.selections.exists(), index=False)
                 rows = []
                 for m, g in todo:
                     d = gene_sets[g]

@@ -102,7 +102,8 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
         ``(n, d')`` image features of the image-coverage reward and the state features.
     state_features
         Append, per spot, its distance to the nearest sampled spot in image space and in the tissue
-        to the policy input (the policy sees the sampled set).
+        (and, with the uncertainty reward on, its relative uncertainty) to the policy input: the
+        policy sees the sampled set. The policy's input width is ``d + 2`` (``d + 3``).
     baseline
         REINFORCE baseline (:meth:`SamplingPolicy.reinforce`).
     uncertainty
@@ -122,6 +123,7 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
     ty = np.full(n, -1, dtype=np.int64)
     sur = emb[:, : min(surrogate_dims, emb.shape[1])]
     st = _StateFeatures(feat, xy) if state_features else None
+    use_unc = uncertainty is not None and weights.unc > 0
     if initial is not None and len(initial):
         c0, t0 = initial_labels if initial_labels is not None else (None, None)
         if c0 is not None:
@@ -144,14 +146,17 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
         if len(revealed) == 0 and start is not None:
             pick = np.asarray(start(k), dtype=np.int64)
         else:
-            inp = np.c_[emb, st()] if st is not None else emb
-            scores = np.where(avail, policy.scores(inp), -np.inf)
             unc = None
-            if uncertainty is not None and weights.unc > 0 and len(revealed) >= 2:
+            if use_unc and len(revealed) >= 2:
                 free = np.flatnonzero(avail)
                 u = np.zeros(n)
                 u[free] = uncertainty(revealed, free)
                 unc = u / max(u[free].mean(), 1e-12)
+            inp = emb
+            if st is not None:  # the policy sees the sampled set (and the model's uncertainty)
+                inp = np.c_[emb, st()] if not use_unc else np.c_[emb, st(), np.ones(n) if unc is None else unc]
+                inp = inp.astype(np.float32)
+            scores = np.where(avail, policy.scores(inp), -np.inf)
             tree = cKDTree(sur[revealed]) if len(revealed) else None
             draws, gains = [], []
             for _ in range(n_rollouts):
@@ -308,7 +313,7 @@ class SCRLSampler:
         First batch when nothing is measured: ``'random'`` (paper) or ``'kmeans'`` (image k-means).
     state
         The policy also sees the sampled set: each spot's distance to its nearest sampled spot in image
-        space and in the tissue (not in SCR²-ST).
+        space and in the tissue, and its relative uncertainty when ``w_unc > 0`` (not in SCR²-ST).
     baseline
         REINFORCE baseline: ``'running'`` (running mean of rewards) or ``'rloo'`` (leave-one-out over
         the round's rollouts).
@@ -430,7 +435,8 @@ class SCRLSampler:
                     torch.manual_seed(ctx.seed * 100_003 + len(known))
                     return mc_dropout_variance(xt, known, y, free, n_passes=10, epochs=100)
 
-        policy = SamplingPolicy(x_pol.shape[1] + (2 if self.state else 0), 128, lr=self.lr, seed=ctx.seed)
+        n_state = (3 if w.unc > 0 else 2) if self.state else 0
+        policy = SamplingPolicy(x_pol.shape[1] + n_state, 128, lr=self.lr, seed=ctx.seed)
 
         def iterate(it, total):
             from ..._utils import progress_bar
