@@ -49,9 +49,9 @@ def type_entropy_reward(type_ids: np.ndarray, n_types: int) -> float:
 
     Examples
     --------
-    >>> round(type_entropy_reward(np.array([0, 1, 2, 3]), 4), 6)
+    >>> round(float(type_entropy_reward(np.array([0, 1, 2, 3]), 4)), 6)
     1.0
-    >>> type_entropy_reward(np.array([1, 1, 1]), 4)
+    >>> float(type_entropy_reward(np.array([1, 1, 1]), 4))
     0.0
     """
     ids = np.asarray(type_ids)
@@ -191,10 +191,10 @@ def image_coverage_reward(feat: np.ndarray, sampled: np.ndarray) -> float:
 
     Examples
     --------
-    >>> f = np.array([[0.0], [1.0], [2.0], [3.0]])
+    >>> f = np.array([[0.0], [0.1], [3.0], [3.1]])
     >>> image_coverage_reward(f, np.array([0, 1, 2, 3]))
     1.0
-    >>> image_coverage_reward(f, np.array([1])) > image_coverage_reward(f, np.array([0]))
+    >>> image_coverage_reward(f, np.array([0, 2])) > image_coverage_reward(f, np.array([0, 1]))
     True
     """
     feat = np.asarray(feat, dtype=np.float64)
