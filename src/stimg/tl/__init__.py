@@ -1,6 +1,7 @@
-"""Tools: prediction, evaluation, high/low classification, patient splits, active sampling."""
+"""Tools: prediction, evaluation, classification, splits, active sampling, annotation, alignment, explanations."""
 
 from .._prediction import ExpressionPrediction
+from ..models._sampling import Sampler, SamplingContext, list_samplers, register_sampler
 from ._active_sample import active_sample
 from ._align import align, retrieve
 from ._annotate import AnnotationRound, annotate, annotation_summary, predict_annotation, simulate_annotation
@@ -28,6 +29,8 @@ __all__ = [
     "AnnotationRule",
     "ExpressionPrediction",
     "RandomRule",
+    "Sampler",
+    "SamplingContext",
     "SelectionContext",
     "UncertaintyRule",
     "active_sample",
@@ -42,10 +45,12 @@ __all__ = [
     "evaluate",
     "explain",
     "least_confidence",
+    "list_samplers",
     "margin",
     "predict_annotation",
     "predict_expression",
     "register_annotation_rule",
+    "register_sampler",
     "retrieve",
     "simulate_annotation",
     "simulate_sampling",
