@@ -33,6 +33,8 @@ def test_clip_known_answer(n, s):
     e = torch.eye(n, dtype=torch.float64)  # orthonormal pairs: diagonal similarity 1, off-diagonal 0
     want = math.log(1 + (n - 1) * math.exp(-s))
     assert float(clip_loss(e, e, s)) == pytest.approx(want, rel=1e-5)
+    per_pair = clip_loss(e, e, s, reduction="none")
+    assert per_pair.shape == (n,) and torch.allclose(per_pair, torch.full((n,), want, dtype=torch.float64))
     # un-normalised inputs give the same loss (normalised inside)
     assert float(clip_loss(3 * e, 0.5 * e, s)) == pytest.approx(want, rel=1e-5)
 
@@ -54,6 +56,8 @@ def test_siglip_known_answer(n):
     s, b = 10.0, -10.0
     want = _softplus(-(s + b)) + (n - 1) * _softplus(b)
     assert float(siglip_loss(e, e, s, b)) == pytest.approx(want, rel=1e-5)
+    per_row = siglip_loss(e, e, s, b, reduction="none")
+    assert per_row.shape == (n,) and float(per_row.mean()) == pytest.approx(want, rel=1e-5)
     s, b = 5.0, 1.0
     want = _softplus(-(s + b)) + (n - 1) * _softplus(b)
     assert float(siglip_loss(e, e, s, b)) == pytest.approx(want, rel=1e-5)

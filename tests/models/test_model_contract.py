@@ -147,3 +147,17 @@ def test_embedding_provenance_and_check():
         _base.check_embedding(c, prov)
     with pytest.raises(KeyError, match="si.pp.embed"):
         _base.check_embedding(AnnData(np.zeros((4, 2), np.float32)), prov)
+
+
+def test_safetensors_header_length_starting_with_0x80_is_not_taken_for_pickle(tmp_path):
+    """A header of 128 + 256·j bytes makes the file's first byte 0x80, pickle's magic byte."""
+    for pad in range(0, 300):
+        m = _Toy([1.0, 2.0])
+        m.note = "x" * pad
+        path = tmp_path / f"t{pad}.stimg"
+        _base.write_model_file(path, model_class="_Toy", header={"genes": ["A", "B"], "pad": m.note},
+                               tensors={"w": m.w})
+        if path.read_bytes()[:1] == b"\x80":
+            np.testing.assert_array_equal(_Toy.load(path).w, m.w)
+            return
+    pytest.fail("no header length starting with 0x80 was produced")

@@ -24,6 +24,8 @@ _LAZY: dict[str, str] = {
     "GeneEncoder": "._sc_prior",
     "ScviGeneEncoder": "._sc_prior",
     "PCAGeneEncoder": "._sc_prior",
+    # contrastive alignment and retrieval (issue 8)
+    "ContrastiveAligner": "._align",
 }
 
 __all__ = sorted(_LAZY)

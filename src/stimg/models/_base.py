@@ -237,8 +237,12 @@ def read_model_file(path: str | os.PathLike, *, model_class: str | None = None
         msg = f"model file {str(path)!r} not found."
         raise FileNotFoundError(msg)
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(_PICKLE_MAGIC):
+        head = fh.read(9)
+    # a safetensors file starts with its header length (u64, little endian) and then '{'; that length's
+    # first byte may well be 0x80, so recognise safetensors before looking for pickle's magic byte
+    n_header = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    looks_safetensors = head[8:9] == b"{" and 0 < n_header <= path.stat().st_size - 8
+    if not looks_safetensors and head.startswith(_PICKLE_MAGIC):
         msg = (f"{str(path)!r} is a pickle/torch.save/joblib file, not a stimg model file; stimg never unpickles "
                "files (that could run code). Re-save the model with this stimg version's .save().")
         raise ValueError(msg)

@@ -13,13 +13,14 @@ API
     Unit rows (cosine geometry).
 ``LogitScale(init_temperature=0.07, min_temperature=0.01, max_temperature=1.0, learnable=True)``
     The learnable temperature, stored as ``log(1 / T)`` (the CLIP "logit scale") and clamped.
-``clip_loss(a, b, logit_scale)`` / ``CLIPLoss``
+``clip_loss(a, b, logit_scale, reduction="mean")`` / ``CLIPLoss``
     Symmetric InfoNCE: ½ (CE(a→b) + CE(b→a)) with logits ``scale · ⟨â, b̂⟩``.
-``siglip_loss(a, b, logit_scale, bias)`` / ``SigLIPLoss``
+``siglip_loss(a, b, logit_scale, bias, reduction="mean")`` / ``SigLIPLoss``
     Pairwise sigmoid loss with learnable scale and bias.
 ``make_loss(name, **kwargs)`` and ``LOSSES``
     The registry of contrastive losses (``"clip"``, ``"siglip"``); add one with
-    :func:`register_loss`.
+    :func:`register_loss`. A loss module is called as ``loss(a, b, reduction=...)`` and has a
+    ``temperature`` property.
 
 Both losses L2-normalise their inputs themselves (idempotent), so un-normalised embeddings can
 never reach a loss (HESCAPE's code feeds raw projections to it).
@@ -183,7 +184,17 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(msg)
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+def _reduce(per_row: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return per_row.mean()
+    if reduction == "none":
+        return per_row
+    msg = f"reduction must be 'mean' or 'none', got {reduction!r}."
+    raise ValueError(msg)
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, *,
+              reduction: str = "mean") -> torch.Tensor:
     """Symmetric InfoNCE (CLIP): ½ [CE(s·âb̂ᵀ, I) + CE(s·b̂âᵀ, I)].
 
     Parameters
@@ -193,6 +204,8 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | floa
         negative. L2-normalised here.
     logit_scale
         Inverse temperature ``s`` (e.g. ``LogitScale()()``).
+    reduction
+        ``'mean'``, or ``'none'`` for the per-pair terms ½ (CEᵢ(a→b) + CEᵢ(b→a)) whose mean is the loss.
 
     Returns
     -------
@@ -201,11 +214,13 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | floa
     _check_pair(a, b)
     logits = logit_scale * l2_normalize(a) @ l2_normalize(b).T
     target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    per_row = 0.5 * (F.cross_entropy(logits, target, reduction="none")
+                     + F.cross_entropy(logits.T, target, reduction="none"))
+    return _reduce(per_row, reduction)
 
 
 def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float,
-                bias: torch.Tensor | float) -> torch.Tensor:
+                bias: torch.Tensor | float, *, reduction: str = "mean") -> torch.Tensor:
     """SigLIP: −(1/n) Σᵢⱼ log σ(zᵢⱼ (s·⟨âᵢ, b̂ⱼ⟩ + bias)), z = +1 on the diagonal, −1 elsewhere.
 
     Parameters
@@ -216,6 +231,8 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | fl
         Scale ``s``.
     bias
         Logit bias (SigLIP initialises it at −10 so the many negatives start near zero loss).
+    reduction
+        ``'mean'``, or ``'none'`` for the per-row sums over ``j`` (their mean is the loss).
 
     Returns
     -------
@@ -225,7 +242,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | fl
     _check_pair(a, b)
     logits = logit_scale * l2_normalize(a) @ l2_normalize(b).T + bias
     z = 2.0 * torch.eye(a.shape[0], device=a.device, dtype=logits.dtype) - 1.0
-    return -F.logsigmoid(z * logits).sum() / a.shape[0]
+    return _reduce(-F.logsigmoid(z * logits).sum(1), reduction)
 
 
 class CLIPLoss(nn.Module):
@@ -243,9 +260,9 @@ class CLIPLoss(nn.Module):
         self.scale = LogitScale(init_temperature, min_temperature=min_temperature,
                                 max_temperature=max_temperature, learnable=learnable)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Loss of the paired rows of ``a`` and ``b``."""
-        return clip_loss(a, b, self.scale())
+    def forward(self, a: torch.Tensor, b: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        """Loss of the paired rows of ``a`` and ``b`` (``reduction='none'``: per pair)."""
+        return clip_loss(a, b, self.scale(), reduction=reduction)
 
     @property
     def temperature(self) -> float:
@@ -275,9 +292,9 @@ class SigLIPLoss(nn.Module):
         else:
             self.register_buffer("bias", bias)
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Loss of the paired rows of ``a`` and ``b``."""
-        return siglip_loss(a, b, self.scale(), self.bias)
+    def forward(self, a: torch.Tensor, b: torch.Tensor, *, reduction: str = "mean") -> torch.Tensor:
+        """Loss of the paired rows of ``a`` and ``b`` (``reduction='none'``: per row)."""
+        return siglip_loss(a, b, self.scale(), self.bias, reduction=reduction)
 
     @property
     def temperature(self) -> float:

@@ -32,7 +32,7 @@ from .._base import (
 from ._constants import COUNTS_OBSM, LOG_LIB_OBS, NB_KEYS
 from ._data import log_library, resolve_genes, target_counts
 from ._module import NBModule, nb_log1p_moments, nb_mean_var, nb_mixture_quantiles
-from ._training import quiet_lightning, restore_best, split_train_validation
+from ._training import quiet_lightning, register_quietly, restore_best, split_train_validation
 
 logger = logging.getLogger("stimg")
 _DEFAULT_EPOCHS = 300
@@ -182,13 +182,7 @@ class NBRegressor(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             adata.obs[LOG_LIB_OBS] = log_lib
             fields.append(NumericalObsField(NB_KEYS.LOG_LIB, LOG_LIB_OBS))
         mgr = AnnDataManager(fields=fields, setup_method_args=args)
-        scvi_logger = logging.getLogger("scvi")
-        old = scvi_logger.level
-        scvi_logger.setLevel(logging.WARNING)  # "Generating sequential column names" for obsm fields
-        try:
-            mgr.register_fields(adata, **kwargs)
-        finally:
-            scvi_logger.setLevel(old)
+        register_quietly(mgr, adata, **kwargs)
         cls.register_manager(mgr)
 
     @d.dedent

@@ -57,6 +57,17 @@ def restore_best(monitor: str, attr: str = "module"):
     return RestoreBest()
 
 
+def register_quietly(manager, adata, **kwargs) -> None:
+    """``manager.register_fields(adata)`` without scvi's "Generating sequential column names" INFO for obsm fields."""
+    scvi_logger = logging.getLogger("scvi")
+    old = scvi_logger.level
+    scvi_logger.setLevel(logging.WARNING)
+    try:
+        manager.register_fields(adata, **kwargs)
+    finally:
+        scvi_logger.setLevel(old)
+
+
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's INFO chatter ("GPU available", "Seed set" ...) and its data-loader tips."""

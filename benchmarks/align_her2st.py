@@ -1,0 +1,129 @@
+"""Contrastive image–expression alignment on HER2ST (issue 8): honest recall@k and retrieval prediction.
+
+Protocol (benchmarks/_protocol.py): folds ``C LOSO`` (train on four of C2–C6, test on the fifth) and
+``C→A1`` (train on C2–C6, test on patient A); image features = EfficientNet-Lite0 (112 µm → 224 px,
+frozen, cached); target genes = top-50 HVGs chosen on the training sections only.
+
+Per fold and seed, a :class:`stimg.models.ContrastiveAligner` (CLIP, 128-d, defaults) is trained on the
+training sections only, with expression input = log1p counts of the top ``--n-input-genes`` HVGs of the
+training sections. Reported on **all spots of the held-out section**:
+
+* recall@1/5/10 image→gene and gene→image over the whole section (``si.metrics.recall_at_k``) with
+  chance = k / n, and what HESCAPE's in-batch protocol (batches of 64) would show for the same model;
+* PCC (mean over genes per test slide) of the retrieval prediction (BLEEP: top-k of the training bank,
+  ``model.predict``) on the 50 target genes, next to ``RidgeRegressor`` and ``NBEnsemble`` (5 members)
+  on the same frozen features and folds, and ridge on the aligned image embedding (does alignment help?);
+* the batch silhouette (scib-metrics, cosine) of the held-out + training image embeddings by section,
+  frozen features vs aligned.
+
+Run:  OMP_NUM_THREADS=1 STIMG_DATA_DIR=/work/shared/data STIMG_BENCH_CACHE=/work/cache/bench_embed \\
+      python benchmarks/align_her2st.py [--seeds 0 1 2] [--out benchmarks/results/align_her2st.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from _protocol import EMBED_KEY, FOLDS, fold_data, load, score
+
+import stimg as si
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--n-input-genes", type=int, default=1000)
+    ap.add_argument("--k-retrieve", type=int, default=50)
+    ap.add_argument("--max-epochs", type=int, default=None)
+    ap.add_argument("--loss", default="clip")
+    ap.add_argument("--dropout", type=float, default=0.5)
+    ap.add_argument("--folds", nargs="*", default=None, help="subset of fold names (default: all)")
+    ap.add_argument("--no-baselines", action="store_true", help="skip ridge / NB ensemble")
+    ap.add_argument("--no-silhouette", action="store_true", help="skip the batch silhouette (scib-metrics)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "align_her2st.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    si.settings.progress = False
+    logging.getLogger("stimg").setLevel(logging.WARNING)
+
+    t0 = time.perf_counter()
+    adata = load()
+    rows = []
+    for fold in FOLDS:
+        if a.folds and fold.name not in a.folds:
+            continue
+        tf = time.perf_counter()
+        d = fold_data(adata, fold, n_genes=50)
+        sub = adata[np.r_[d.train, d.test]].copy()
+        is_train = np.isin(sub.obs["library_id"].astype(str).to_numpy(), fold.train)
+        inputs = list(si.pp.select_genes(adata, a.n_input_genes, method="hvg", subset=list(fold.train), inplace=False))
+        genes = list(dict.fromkeys([*d.genes, *inputs]))  # targets first, then further HVGs
+        si.models.ContrastiveAligner.setup_anndata(sub, EMBED_KEY, genes=genes)
+        test = sub[~is_train].copy()
+        base = {"fold": fold.name, "kind": fold.kind, "n_train": int(is_train.sum()), "n_test": int((~is_train).sum()),
+                "n_input_genes": len(genes)}
+        for seed in a.seeds:
+            ts = time.perf_counter()
+            model = si.models.ContrastiveAligner(sub, loss=a.loss, dropout=a.dropout, seed=seed)
+            model.train(a.max_epochs, train_indices=is_train, accelerator="cpu", progress=False)
+            train_s = time.perf_counter() - ts
+            zi = model.get_latent_representation(test, modality="image")
+            zg = model.get_latent_representation(test, modality="gene")
+            rec = si.metrics.recall_at_k(zi, zg, k=(1, 5, 10), names=("image", "gene"), in_batch=64, seed=seed)
+            row = {**base, "seed": seed, "train_seconds": train_s, "temperature": model.temperature}
+            for _, r in rec.table.iterrows():
+                tag = "all" if r["scope"] == "all" else "b64"
+                dirn = "i2g" if r["direction"] == "image→gene" else "g2i"
+                row[f"R@{r['k']}_{dirn}_{tag}"] = float(r["recall"])
+                row[f"chance@{r['k']}_{tag}"] = float(r["chance"])
+            for w in ("mean", "similarity", "softmax"):
+                pred = model.predict(test, k=a.k_retrieve, weighting=w, genes=d.genes).mean
+                row[f"pcc_retrieval_{w}"] = score(d, pred)["pcc"]
+            # ridge on the aligned image embedding vs frozen features (same genes, same folds)
+            z_all = model.get_latent_representation(sub, modality="image")
+            sub.obsm["X_aligned"] = z_all
+            rm = si.models.RidgeRegressor().fit(sub, "X_aligned", genes=d.genes, train_indices=is_train)
+            row["pcc_ridge_aligned"] = score(d, rm.predict(sub[~is_train]).mean)["pcc"]
+            if not a.no_silhouette:
+                fro = np.asarray(sub.obsm[EMBED_KEY])
+                row["silhouette_batch_frozen"] = si.metrics.silhouette_batch(fro, sub.obs["library_id"].astype(str))
+                row["silhouette_batch_aligned"] = si.metrics.silhouette_batch(z_all, sub.obs["library_id"].astype(str))
+            rows.append(row)
+            print(fold.name, seed, {k: round(v, 3) for k, v in row.items() if k.startswith(("R@5", "pcc", "chance@5"))},
+                  flush=True)
+        if not a.no_baselines:
+            rm = si.models.RidgeRegressor().fit(sub, EMBED_KEY, genes=d.genes, train_indices=is_train)
+            ridge = score(d, rm.predict(sub[~is_train]).mean)["pcc"]
+            tr_ad = sub[is_train].copy()
+            si.models.NBRegressor.setup_anndata(tr_ad, EMBED_KEY, genes=d.genes)
+            ens = si.models.NBEnsemble(tr_ad, n_members=5)
+            ens.train(max_epochs=300, accelerator="cpu", progress=False)
+            nb = score(d, ens.predict(test).mean)["pcc"]
+            for r in rows:
+                if r["fold"] == fold.name:
+                    r["pcc_ridge_frozen"], r["pcc_nb_ensemble"] = ridge, nb
+            print(fold.name, "ridge", round(ridge, 3), "NB ensemble", round(nb, 3), flush=True)
+        print(fold.name, f"{time.perf_counter() - tf:.0f}s", flush=True)
+    df = pd.DataFrame(rows)
+    metrics = [c for c in df.columns if c.startswith(("R@", "chance@", "pcc", "silhouette", "temperature"))]
+    summary = df.groupby(["fold", "kind"], sort=False)[metrics].mean()
+    summary["R@5_i2g_over_chance"] = summary["R@5_i2g_all"] / summary["chance@5_all"]
+    summary["R@5_g2i_over_chance"] = summary["R@5_g2i_all"] / summary["chance@5_all"]
+    with pd.option_context("display.width", 250, "display.max_columns", 40):
+        print(summary.round(3).T)
+    out = {"config": vars(a), "seconds": time.perf_counter() - t0, "rows": df.to_dict("records"),
+           "summary": summary.reset_index().to_dict("records")}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2, default=float))
+    print("wrote", a.out, f"in {out['seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
