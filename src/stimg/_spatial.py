@@ -282,6 +282,7 @@ def native_units(data: Any, table: AnnData, library_key: str | None = None) -> l
                 msg = (f"Section {lib!r}: µm per coordinate unit unknown (table.uns['spatial'][{lib!r}]['scalefactors'] "
                        "lacks spot_diameter_um); read the data with si.io readers.")
                 raise ValueError(msg)
+            _check_xy(table, idx, xy, str(lib))
             out.append(NativeUnits(str(lib), idx, xy, float(d_um) / d_native, get_transformation(shapes, get_all=True)))
         else:
             assert_key_in(table.obsm, SPATIAL_KEY, where="adata.obsm", hint="Unit centres are needed (obsm['spatial']).")
@@ -294,5 +295,6 @@ def native_units(data: Any, table: AnnData, library_key: str | None = None) -> l
                 msg = (f"Section {lib!r}: µm per pixel unknown; set adata.uns['spatial'][{lib!r}]['scalefactors']"
                        "['microns_per_pixel'].")
                 raise ValueError(msg)
+            _check_xy(table, idx, xy, str(lib))
             out.append(NativeUnits(str(lib), idx, xy, mpp, None))
     return out

@@ -272,10 +272,13 @@ def patches(dataset, indices: Sequence[int] | None = None, *, n: int = 16, ncols
     if indices is None:
         k = min(n, len(dataset))
         indices = np.sort(np.random.default_rng(seed).choice(len(dataset), k, replace=False))
-    indices = list(indices)
+    indices = [int(i) for i in indices]
     if not indices:
         msg = "No patches to show."
         raise ValueError(msg)
+    if bad := [i for i in indices if not -len(dataset) <= i < len(dataset)]:
+        msg = f"indices {bad[:5]} are out of range for a dataset of {len(dataset)} patches."
+        raise IndexError(msg)
     nc = min(ncols, len(indices))
     nr = int(np.ceil(len(indices) / nc))
     fig, axs = plt.subplots(nr, nc, figsize=(1.6 * nc, 1.75 * nr), squeeze=False)
