@@ -24,8 +24,10 @@ repeated with ``--repeats`` seed sets (members ``5k … 5k+4``) for a mean ± sd
 Single thread (``torch.set_num_threads(1)``, ``OMP_NUM_THREADS=1``).
 
 Run:  STIMG_DATA_DIR=/work/shared/data STIMG_BENCH_CACHE=/work/cache/bench_embed OMP_NUM_THREADS=1 \\
-      python benchmarks/bench_context_her2st.py [--settings none,0+500] [--repeats 3]
-Writes benchmarks/results/bench_context_her2st.json (per fold and seed) and .md (the table).
+      python benchmarks/bench_context_her2st.py [--settings "none,concat 500"] [--repeats 3] [--out PATH.json]
+Writes PATH.json (per fold and seed; default benchmarks/results/context_her2st.json), PATH.csv (the same rows)
+and PATH.md (the table: PCC and MSE, mean ± sd). Runs split over processes (``--settings``, ``--out``) are
+joined with ``--merge a.json,b.json`` (no training; writes the ``--out`` files).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from _protocol import DEFAULT_CACHE, EMBED_KEY, FOLDS, fold_data, load, score, s
 
 import stimg as si  # noqa: E402
 
-SETTINGS = ["none", "mean 250", "mean 500", "concat 250", "concat 500", "concat 750", "patches 112+336",
+SETTINGS = ["none", "mean 250", "mean 500", "mean 750", "concat 250", "concat 500", "concat 750", "patches 112+336",
             "patches 112+336 + concat 500", "CV-chosen"]
 
 
@@ -93,6 +95,28 @@ def nb_ensemble(adata, key, d, seeds) -> tuple[np.ndarray, list[int]]:
     return np.asarray(pred.mean)[:, cols], [len(m.history["elbo_train"]) for m in ens.members]
 
 
+def write_tables(rows: list[dict], out: Path) -> None:
+    """``out``.csv (every row) and ``out``.md (PCC and MSE: C LOSO mean ± sd over the 5 folds; C→A1 over NB seed sets)."""
+    df = pd.DataFrame(rows)
+    df.to_csv(out.with_suffix(".csv"), index=False)
+    parts = []
+    for kind, name in (("within-patient", "C LOSO"), ("cross-patient", "C→A1")):
+        sub = df[df.kind == kind]
+        if len(sub):
+            s = summarize(sub, ["setting", "model"], metrics=("pcc", "mse")).unstack("model")
+            s.columns = [f"{name} {m} {metric.upper()}" for metric, m in s.columns]
+            parts.append(s)
+    md = pd.concat(parts, axis=1)
+    order = ["ridge", "nb"]
+    cols = [c for name in ("C LOSO", "C→A1") for metric in ("PCC", "MSE") for m in order
+            if (c := f"{name} {m} {metric}") in md.columns]
+    md = md[cols].reindex([s for s in SETTINGS if s in set(df.setting)])
+    text = md.to_markdown() if hasattr(md, "to_markdown") else md.to_string()
+    out.with_suffix(".md").write_text(__doc__.split("\n")[0] + "\n\nMean PCC (top-50 HVG) and MSE (log1p), mean ± sd.\n\n"
+                                      + text + "\n")
+    print(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default=",".join(SETTINGS))
@@ -100,8 +124,15 @@ def main() -> None:
     ap.add_argument("--folds", default="all", help="comma-separated fold names, or 'all'")
     ap.add_argument("--repeats", type=int, default=3, help="NB seed sets on the cross-patient fold")
     ap.add_argument("--members", type=int, default=5)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_context_her2st.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "context_her2st.json"))
+    ap.add_argument("--merge", default="", help="comma-separated result files to join (no training)")
     args = ap.parse_args()
+    out = Path(args.out)
+    if args.merge:
+        rows = [r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        out.write_text(json.dumps({"protocol": __doc__.split("Run:")[0].strip(), "rows": rows}, indent=1))
+        write_tables(rows, out)
+        return
     torch.set_num_threads(1)
     si.settings.progress = False
     si.settings.verbosity = 0
@@ -112,7 +143,6 @@ def main() -> None:
     adata = table
     adata.obs["library_id"] = adata.obs["library_id"].astype(str)
     folds = FOLDS if args.folds == "all" else [f for f in FOLDS if f.name in args.folds.split(",")]
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["setting"], r["model"], r["fold"], r["seed_set"]) for r in rows}
@@ -139,19 +169,7 @@ def main() -> None:
                     rows.append(rec)
                     print(json.dumps(rec), flush=True)
                     out.write_text(json.dumps({"protocol": __doc__.split("Run:")[0].strip(), "rows": rows}, indent=1))
-    df = pd.DataFrame(rows)
-    # C LOSO: mean ± sd over the 5 folds; C→A1: mean ± sd over NB seed sets (ridge: one run)
-    table_md = []
-    for kind, name in (("within-patient", "C LOSO"), ("cross-patient", "C→A1")):
-        sub = df[df.kind == kind]
-        if len(sub):
-            s = summarize(sub, ["setting", "model"], metrics=("pcc",)).unstack("model")
-            s.columns = [f"{name} {m}" for m in s.columns.get_level_values(-1)]
-            table_md.append(s)
-    md = pd.concat(table_md, axis=1).reindex([s for s in SETTINGS if s in set(df.setting)])
-    text = md.to_markdown() if hasattr(md, "to_markdown") else md.to_string()
-    out.with_suffix(".md").write_text("Mean PCC (top-50 HVG), mean ± sd. " + __doc__.split("\n")[0] + "\n\n" + text + "\n")
-    print(text)
+    write_tables(rows, out)
     print(f"total {time.perf_counter() - t0:.0f}s")
 
 
