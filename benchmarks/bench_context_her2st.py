@@ -121,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--settings", default=",".join(SETTINGS))
     ap.add_argument("--models", default="ridge,nb")
-    ap.add_argument("--folds", default="all", help="comma-separated fold names, or 'all'")
+    ap.add_argument("--folds", default="all", help="comma-separated fold names (run in this order), or 'all'")
     ap.add_argument("--repeats", type=int, default=3, help="NB seed sets on the cross-patient fold")
     ap.add_argument("--members", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "context_her2st.json"))
@@ -131,7 +131,11 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     if args.merge:
-        rows = [r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())["rows"]]
+        rows, seen = [], set()
+        for r in (r for f in args.merge.split(",") for r in json.loads(Path(f).read_text())["rows"]):
+            if (k := (r["setting"], r["model"], r["fold"], r["seed_set"])) not in seen:  # first of a repeated run
+                seen.add(k)
+                rows.append(r)
         out.write_text(json.dumps({"protocol": __doc__.split("Run:")[0].strip(), "rows": rows}, indent=1))
         write_tables(rows, out)
         return
@@ -151,7 +155,8 @@ def main() -> None:
         if args.table:
             adata.write_h5ad(args.table)
     adata.obs["library_id"] = adata.obs["library_id"].astype(str)
-    folds = FOLDS if args.folds == "all" else [f for f in FOLDS if f.name in args.folds.split(",")]
+    by_name = {f.name: f for f in FOLDS}
+    folds = FOLDS if args.folds == "all" else [by_name[n] for n in args.folds.split(",")]  # in the order given
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     done = {(r["setting"], r["model"], r["fold"], r["seed_set"]) for r in rows}
