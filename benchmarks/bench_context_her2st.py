@@ -103,7 +103,11 @@ def write_tables(rows: list[dict], out: Path) -> None:
     for kind, name in (("within-patient", "C LOSO"), ("cross-patient", "C→A1")):
         sub = df[df.kind == kind]
         if len(sub):
-            s = summarize(sub, ["setting", "model"], metrics=("pcc", "mse")).unstack("model")
+            s = summarize(sub, ["setting", "model"], metrics=("pcc", "mse"))
+            n = sub.groupby(["setting", "model"], sort=False).size()
+            if kind == "within-patient":  # flag cells with fewer than the 5 folds
+                s = s.apply(lambda col, n=n: col + np.where(n[col.index] < 5, [f" ({k}/5)" for k in n[col.index]], ""))
+            s = s.unstack("model")
             s.columns = [f"{name} {m} {metric.upper()}" for metric, m in s.columns]
             parts.append(s)
     md = pd.concat(parts, axis=1)
@@ -112,7 +116,8 @@ def write_tables(rows: list[dict], out: Path) -> None:
             if (c := f"{name} {m} {metric}") in md.columns]
     md = md[cols].reindex([s for s in SETTINGS if s in set(df.setting)])
     text = md.to_markdown() if hasattr(md, "to_markdown") else md.to_string()
-    out.with_suffix(".md").write_text(__doc__.split("\n")[0] + "\n\nMean PCC (top-50 HVG) and MSE (log1p), mean ± sd.\n\n"
+    out.with_suffix(".md").write_text(__doc__.split("\n")[0] + "\n\nMean PCC (top-50 HVG) and MSE (log1p), mean ± sd; "
+                                      "(k/5): only k of the 5 C LOSO folds were run.\n\n"
                                       + text + "\n")
     print(text)
 
