@@ -36,6 +36,9 @@ def _demo_parser(sub) -> None:
     d.add_argument("--patch-um", type=float, default=112.0, help="patch side in µm (default: %(default)s)")
     d.add_argument("--patch-px", type=int, default=None,
                    help="patch side in pixels fed to the encoder (default: the encoder's input, 224)")
+    d.add_argument("--context-um", type=float, default=0.0,
+                   help="spatial context: each spot's features plus its neighbours' mean within this radius in µm "
+                        "(si.pp.spatial_context); 0 uses the spot's own features only (default: %(default)s)")
     d.add_argument("--min-tissue", type=float, default=0.5,
                    help="minimum tissue fraction under a spot, 0 disables QC (default: %(default)s)")
     d.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25],
