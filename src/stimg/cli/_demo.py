@@ -142,7 +142,11 @@ def demo(args: argparse.Namespace) -> int:
             res["coverage"], res["per_gene_coverage"], res["spearman"] = _coverage(si, table, ens, test_mask, genes)
         if not args.no_sampling:
             with steps("active sampling"):
-                res["sampling"], res["sampled"] = _sampling(si, sdata, table, train_mask, test, genes, key, args)
+                verbosity, si.settings.verbosity = si.settings.verbosity, min(si.settings.verbosity, 1)
+                try:  # 18 samplings × (sample, fit, predict): their log lines would bury the run; the table follows
+                    res["sampling"], res["sampled"] = _sampling(si, sdata, table, train_mask, test, genes, key, args)
+                finally:
+                    si.settings.verbosity = verbosity
         with steps("figures"):
             res["figures"] = _figures(si, sdata, table, res, genes, test_mask, out, args)
         with steps("report"):
