@@ -169,8 +169,9 @@ def _pick_image(sdata, region: str, image_key):
 
 def _scale0(img):
     from spatialdata import get_pyramid_levels
+    from xarray import DataTree
 
-    return img if hasattr(img, "shape") else get_pyramid_levels(img, n=0)  # DataArray, or level 0 of a DataTree
+    return get_pyramid_levels(img, n=0) if isinstance(img, DataTree) else img  # DataArray, or level 0
 
 
 def _spatialdata_sections(sdata, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image):
@@ -281,6 +282,7 @@ def native_units(data: Any, table: AnnData, library_key: str | None = None) -> l
                 msg = (f"Section {lib!r}: µm per coordinate unit unknown (table.uns['spatial'][{lib!r}]['scalefactors'] "
                        "lacks spot_diameter_um); read the data with si.io readers.")
                 raise ValueError(msg)
+            _check_xy(table, idx, xy, str(lib))
             out.append(NativeUnits(str(lib), idx, xy, float(d_um) / d_native, get_transformation(shapes, get_all=True)))
         else:
             assert_key_in(table.obsm, SPATIAL_KEY, where="adata.obsm", hint="Unit centres are needed (obsm['spatial']).")
@@ -293,5 +295,6 @@ def native_units(data: Any, table: AnnData, library_key: str | None = None) -> l
                 msg = (f"Section {lib!r}: µm per pixel unknown; set adata.uns['spatial'][{lib!r}]['scalefactors']"
                        "['microns_per_pixel'].")
                 raise ValueError(msg)
+            _check_xy(table, idx, xy, str(lib))
             out.append(NativeUnits(str(lib), idx, xy, mpp, None))
     return out

@@ -97,6 +97,13 @@ def estimate_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float = S
     >>> si.io.estimate_mpp(grid, grid * 290.0)
     0.6896551724137931
     """
+    array_xy, pixel_xy = np.asarray(array_xy, float), np.asarray(pixel_xy, float)
+    if array_xy.shape != pixel_xy.shape or array_xy.ndim != 2 or array_xy.shape[1] != 2:
+        msg = f"array_xy and pixel_xy must both have shape (n, 2), got {array_xy.shape} and {pixel_xy.shape}."
+        raise ValueError(msg)
+    if not (np.isfinite(array_xy).all() and np.isfinite(pixel_xy).all()):
+        msg = "array_xy/pixel_xy have non-finite (NaN/inf) coordinates; drop those spots or pass mpp=."
+        raise ValueError(msg)
     steps = []
     for k in range(2):
         a = np.asarray(array_xy[:, k], float)
@@ -104,7 +111,7 @@ def estimate_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, pitch_um: float = S
             continue
         slope = np.polyfit(a, np.asarray(pixel_xy[:, k], float), 1)[0]
         steps.append(abs(slope))
-    if not steps or not np.all(np.isfinite(steps)) or min(steps) == 0:
+    if not steps or not np.all(np.isfinite(steps)) or min(steps) < 1e-6:
         msg = "Cannot estimate µm/px from the spot grid (need spots on at least two grid rows or columns); pass mpp=."
         raise ValueError(msg)
     return float(pitch_um / np.mean(steps))

@@ -1,4 +1,4 @@
-"""Metrics defined once: regression, spatial, retrieval, uncertainty."""
+"""Metrics defined once: regression (PCC, MSE, MAE), spatial (Moran's I, pattern IoU), uncertainty calibration."""
 
 from ._classification import misclassified, weighted_f1
 from ._regression import PearsonResult, mae, mse, pearson

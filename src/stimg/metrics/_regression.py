@@ -61,6 +61,9 @@ def _pcc_columns(a: np.ndarray, b: np.ndarray, eps: float = 1e-12) -> np.ndarray
 def _prepare(y_true, y_pred, groups, var_names):
     yt = check_matrix(y_true, "y_true").astype(np.float64)
     yp = check_matrix(y_pred, "y_pred", n_obs=yt.shape[0], n_cols=yt.shape[1]).astype(np.float64)
+    if yt.shape[0] == 0 or yt.shape[1] == 0:
+        msg = f"y_true has shape {yt.shape}: no spots or no genes to score; check the selection that produced it."
+        raise ValueError(msg)
     g = np.full(yt.shape[0], "all", dtype=object) if groups is None else np.asarray(groups).astype(str)
     if g.shape[0] != yt.shape[0]:
         msg = f"groups has {g.shape[0]} entries for {yt.shape[0]} spots."
@@ -107,7 +110,8 @@ def pearson(y_true, y_pred, *, groups: Sequence | None = None, var_names: Sequen
     table = pd.DataFrame(per_gene, index=names)
     per_slide = table.mean(0, skipna=True)
     n_const = table.isna().sum(0).astype(int)
-    pooled = float(np.nanmean(_pcc_columns(yt, yp))) if yt.shape[0] > 1 else float("nan")
+    pooled_cols = _pcc_columns(yt, yp) if yt.shape[0] > 1 else np.full(1, np.nan)
+    pooled = float(np.mean(pooled_cols[np.isfinite(pooled_cols)])) if np.isfinite(pooled_cols).any() else float("nan")
     return PearsonResult(float(per_slide.mean()), pooled, table, per_slide, n_const)
 
 

@@ -19,6 +19,7 @@ _LAZY: dict[str, str] = {
     # active sampling (issue 5)
     "SamplingPolicy": "._sampling._policy",
     "RewardWeights": "._sampling._rewards",
+    "SCRLSampler": "._sampling._scrl",
     # single-cell priors (issue 5)
     "SingleCellPrior": "._sc_prior",
     "GeneEncoder": "._sc_prior",

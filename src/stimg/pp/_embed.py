@@ -205,6 +205,8 @@ def embed(
     key_added: str | None = None,
     inplace: bool = True,
     progress: bool | None = None,
+    client: Any = None,
+    spots_per_task: int | None = None,
 ) -> np.ndarray | None:
     """Embed a ``patch_um`` µm patch around every spot with a frozen image encoder.
 
@@ -259,6 +261,16 @@ def embed(
         ``.obsm`` key; ``None`` gives ``'X_<encoder name>'``.
     %(inplace)s
     %(progress)s
+    client
+        A :class:`dask.distributed.Client`: embed through its cluster, one task per
+        ``spots_per_task`` spots; each task reads its patches from the (lazy) section images and
+        runs the encoder in the worker (built there from its name, or sent once if a module). The
+        driver never reads pixels, so images on disk (zarr-backed SpatialData, WSIs) stay out of
+        its memory; in-memory images are sent to the workers with the tasks. Features equal the
+        single-process ones bit for bit at the same threads per process. ``None`` (default):
+        embed in this process.
+    spots_per_task
+        Spots per dask task (rounded up to whole batches); ``None``: 1024.
 
     Returns
     -------
@@ -276,6 +288,8 @@ def embed(
     >>> si.pp.embed(sdata, patch_px=64, progress=False)  # doctest: +SKIP
     >>> sdata.tables["table"].obsm["X_efficientnet_lite0"].shape  # doctest: +SKIP
     (16, 1280)
+    >>> from dask.distributed import Client  # doctest: +SKIP
+    >>> si.pp.embed(sdata, client=Client(n_workers=2, threads_per_worker=1))  # doctest: +SKIP
     """
     start = time.perf_counter()
     if not (np.isfinite(patch_um) and patch_um > 0):
@@ -297,7 +311,7 @@ def embed(
         raise TypeError(msg)
     from .._utils import resolve_device
 
-    device = resolve_device(accelerator)
+    device = resolve_device(accelerator) if client is None else None  # workers resolve their own
     model_kwargs = dict(model_kwargs or {})
     table = get_table(data, table_key)
     secs = sections(data, table_key=table_key, library_id=library_id, library_key=library_key, image_key=image_key,
@@ -343,7 +357,15 @@ def embed(
     todo = [dataclasses.replace(s, obs_index=s.obs_index[r < 0], xy=s.xy[r < 0]) for s, _, _, r in plans]
     todo = [s for s in todo if s.n_obs]
     new = None
-    if todo:
+    if todo and client is not None:
+        from ._distributed import embed_distributed
+
+        if enc is None and not pretrained:  # random weights: build once here so every worker uses the same
+            enc = _get_encoder(model, weights, pretrained, model_kwargs, ident)
+        new = embed_distributed(client, todo, encoder=enc, build=(model, weights, pretrained, model_kwargs, ident),
+                                patch_um=patch_um, patch_px=patch_px, stain=stain, batch_size=bs,
+                                accelerator=accelerator, amp=amp, spots_per_task=spots_per_task, progress=progress)
+    elif todo:
         if enc is None:
             enc = _get_encoder(model, weights, pretrained, model_kwargs, ident)
         from ._patch_dataset import PatchDataset
@@ -355,6 +377,7 @@ def embed(
             nw = int(num_workers)
         new = run_encoder(enc, ds, batch_size=bs, num_workers=nw, device=device,
                           amp_dtype=_amp_dtype(device, amp), progress=progress)
+    if new is not None:
         if not np.isfinite(new).all():
             msg = (f"Encoder {name!r} produced non-finite features for {int((~np.isfinite(new).all(1)).sum())} "
                    "patches; try amp=False.")
@@ -377,14 +400,16 @@ def embed(
             offset += n_miss
             if cache:
                 store.put(ckey, s.xy[~hit], f.astype(np.float32), {**meta, "library_id": s.library_id})
-    logger.info("embedded %d spots with %s (%d from cache) on %s", sum(s.n_obs for s in secs), name, n_hit, device)
+    where = str(device) if client is None else f"dask ({accelerator or settings.accelerator} on the workers)"
+    logger.info("embedded %d spots with %s (%d from cache) on %s", sum(s.n_obs for s in secs), name, n_hit, where)
     if not inplace:
         return out
     table.obsm[key_added] = out
     table.uns[key_added] = {"params": {
         "encoder": name, "encoder_identity": ident, "weights": None if weights is None or isinstance(weights, dict) else str(weights),
         "pretrained": bool(pretrained), "patch_um": float(patch_um), "patch_px": patch_px, "stain": skey,
-        "batch_size": bs, "device": str(device), "amp": str(_amp_dtype(device, amp)), "dim": int(dim),
+        "batch_size": bs, "device": where,
+        "amp": str(_amp_dtype(device, amp)) if client is None else str(amp), "dim": int(dim),
         "library_id": [s.library_id for s in secs], "image_key": [s.image_key for s in secs],
         "n_from_cache": n_hit, "n_computed": int(sum(s.n_obs for s in todo)),
     }}

@@ -99,8 +99,14 @@ def select_genes(
     X = table.layers[layer] if layer is not None else table.X
     X = X[mask]
     Xd = X.toarray() if sp.issparse(X) else np.asarray(X)
-    if not np.isfinite(Xd).all():
-        msg = "The count matrix has non-finite values."
+    where = f"table.layers[{layer!r}]" if layer is not None else "table.X"
+    if bad := int((~np.isfinite(Xd)).sum()):
+        msg = (f"{where} has {bad} non-finite values (NaN/inf) in the subset's spots; drop those spots or pass the "
+               "raw-count layer with layer=.")
+        raise ValueError(msg)
+    if (Xd < 0).any():
+        msg = (f"{where} has negative values (min {Xd.min():g}); genes are ranked on log1p of raw counts: pass the "
+               "raw-count layer with layer=.")
         raise ValueError(msg)
     detected = (Xd > 0).mean(0)
     eligible = detected >= min_spots

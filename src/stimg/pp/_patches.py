@@ -20,9 +20,11 @@ def check_spots_on_image(secs) -> None:
         _, h, w = s.image.shape
         off = (s.xy[:, 0] < 0) | (s.xy[:, 1] < 0) | (s.xy[:, 0] >= w) | (s.xy[:, 1] >= h)
         if off.any():
+            i = int(np.flatnonzero(off)[0])
             msg = (f"{int(off.sum())} of {s.n_obs} spots of {s.library_id!r} lie outside its {w}×{h} image "
-                   f"{s.image_key!r}: the image and the spot coordinates disagree (wrong image, or a missing "
-                   "scale factor/transformation).")
+                   f"{s.image_key!r} (e.g. table row {int(s.obs_index[i])} at x={s.xy[i, 0]:.0f}, y={s.xy[i, 1]:.0f}): "
+                   "the image and the spot coordinates disagree (wrong image, or a missing scale factor/"
+                   "transformation); pass the image the coordinates refer to, or drop the spots outside it.")
             raise ValueError(msg)
         if s.mpp is None or not np.isfinite(s.mpp) or s.mpp <= 0:
             msg = (f"µm/px of {s.library_id!r} is unknown; set table.uns['spatial'][{s.library_id!r}]"

@@ -12,6 +12,7 @@ import numpy as np
 from .._constants import TABLE_KEY
 from .._docs import d
 from .._logging import log_added, logger
+from .._rgb import to_rgb8
 from .._spatial import is_spatialdata, sections
 from .._validate import assert_key_in
 
@@ -133,6 +134,11 @@ class StainTransform:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(shape)
 
 
+def _rgb_yxc(rgb: Any, where: str) -> np.ndarray:
+    """A ``(y, x, 3)`` uint8 view of an RGB(A)/grey/float/16-bit array (refused clearly otherwise)."""
+    return np.moveaxis(to_rgb8(np.asarray(rgb), where=where, channel_axis=-1), 0, -1)
+
+
 def stain_vectors(rgb: np.ndarray, method: str = "macenko") -> np.ndarray:
     """Estimate the (3 × 2) haematoxylin/eosin optical-density vectors of an RGB image.
 
@@ -157,7 +163,7 @@ def stain_vectors(rgb: np.ndarray, method: str = "macenko") -> np.ndarray:
     if method not in ("macenko", "vahadane"):
         msg = f"method must be 'macenko' or 'vahadane' for stain vectors, got {method!r}."
         raise ValueError(msg)
-    return _stain_fit(method, _tissue_pixels(np.asarray(rgb, np.uint8)))["stains"]
+    return _stain_fit(method, _tissue_pixels(_rgb_yxc(rgb, "rgb")))["stains"]
 
 
 def _section_pixels(section, working_mpp: float) -> np.ndarray:
@@ -227,7 +233,7 @@ def stain_normalize(
         raise ValueError(msg)
     secs = sections(data, table_key=table_key, library_id=library_id, library_key=library_key, image_key=image_key)
     if isinstance(reference, np.ndarray):
-        ref_px = _tissue_pixels(np.asarray(reference, np.uint8))
+        ref_px = _tissue_pixels(_rgb_yxc(reference, "reference"))
         ref_name = f"array {reference.shape}"
     else:
         all_secs = {s.library_id: s for s in sections(data, table_key=table_key, library_key=library_key, image_key=image_key)}

@@ -140,7 +140,12 @@ def classify_expression(
     if layer is not None:
         assert_key_in(table.layers, layer, where="table.layers")
     src = table.X if layer is None else table.layers[layer]
-    y = np.log1p(check_matrix(src[:, table.var_names.get_indexer(genes)], "counts", n_obs=table.n_obs))
+    counts = check_matrix(src[:, table.var_names.get_indexer(genes)], "counts", n_obs=table.n_obs)
+    if (counts < 0).any():
+        msg = (f"counts of the target genes have negative values (min {counts.min():g}); labels come from log1p of "
+               "raw counts: pass the raw-count layer with layer=.")
+        raise ValueError(msg)
+    y = np.log1p(counts)
     _, libs = library_column(table, library_key)
     z = np.empty_like(y)
     for lib in pd.unique(libs):

@@ -81,7 +81,9 @@ def predict_expression(
     check_matrix(pred.mean, "predicted mean", n_obs=table.n_obs, n_cols=len(pred.var_names))
     missing = pd.Index(pred.var_names).difference(table.var_names)
     if len(missing):
-        msg = f"The model predicts {len(missing)} genes absent from the table (e.g. {list(missing[:3])})."
+        msg = (f"The model predicts {len(missing)} genes absent from the table (e.g. {list(missing[:3])}); predictions "
+               "are written per gene: build the table with the model's genes (e.g. si.pp.tile_image(..., "
+               "genes=model.genes_)), or pass inplace=False to get the ExpressionPrediction.")
         raise KeyError(msg)
     if not inplace:
         return pred

@@ -40,6 +40,7 @@ def resolve_genes(adata: AnnData, target_key: str | None, genes: Sequence[str] |
             raise KeyError(msg)
         return genes
     if target_key is None or (target_key not in adata.var and not require_key):
+        check_nonempty(adata.n_vars, "The table's gene list (var_names)", "pass a table with the genes to predict.")
         return list(adata.var_names)
     assert_key_in(adata.var, target_key, where="table.var",
                   hint="Select target genes (si.pp.select_genes), pass genes=, or target_key=None for all genes.")

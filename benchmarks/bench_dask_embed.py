@@ -1,0 +1,229 @@
+"""Benchmark: embed 50 slides through a local dask.distributed cluster vs the single-process path.
+
+Data: the real HER2ST sections C2–C6 (full-resolution H&E, ~9,900 × 9,300 px, 0.69 µm/px) written
+once to a zarr-backed SpatialData (chunks of 1024 px), so images are read lazily from disk. The 50
+slides are 10 copies of each section: copy ``i`` keeps every 5th spot starting at ``i mod 5`` (each
+spot twice over the cohort), with its own coordinate system and a lazy reference to its section's
+image (nothing is loaded when the cohort is built).
+
+Runs, each in a fresh process (features not cached, EfficientNet-Lite0 at 224 px, batch 64):
+
+* ``single1``: the single-process path with 1 torch thread (the reference for identical features),
+* ``single2``: the single-process path with 2 torch threads (the same 2 cores as the cluster),
+* ``dask``: ``si.pp.embed(..., client=Client(LocalCluster(n_workers=2, threads_per_worker=1)))``.
+
+Reported: throughput (spots/s) and the ratios dask/single2 and dask/single1; the driver's peak
+memory during the call (RSS sampled every 20 ms, above the RSS just before the call) against one
+slide's full-resolution image; whether the driver imported torch; and the features of ``dask`` vs
+``single1`` (bit-identical expected: same batches, one thread per process) and vs ``single2``.
+A warm-up call on 8 spots of one slide precedes each timed call (imports, encoder weights).
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_dask_embed.py [--cache /work/cache/bench_dask]
+
+Writes ``benchmarks/results/bench_dask_embed.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+N_COPIES = int(os.environ.get("STIMG_BENCH_COPIES", "10"))  # 10 × 5 = 50 slides (fewer for a smoke test)
+HERE = Path(__file__).resolve().parent
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _PeakRSS:
+    """Sample this process's RSS every 20 ms in a thread; ``peak`` after ``stop``."""
+
+    def __init__(self) -> None:
+        self.base = _rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def prepare(cache: Path) -> Path:
+    """Write C2–C6 (images chunked 1024 px, spots, table) to a zarr SpatialData once."""
+    path = cache / "her2st_c2_c6.zarr"
+    if path.exists():
+        return path
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    import stimg as si
+
+    si.settings.progress = False
+    sdata = si.datasets.her2st(SECTIONS, extras=False)
+    for k in list(sdata.images):
+        img = sdata.images[k]
+        sdata.images[k] = Image2DModel.parse(img.data.rechunk((3, 1024, 1024)), dims=("c", "y", "x"),
+                                             c_coords=list(img.coords["c"].values),
+                                             transformations=get_transformation(img, get_all=True))
+    cache.mkdir(parents=True, exist_ok=True)
+    sdata.write(path)
+    return path
+
+
+def cohort(path: Path):
+    """50 slides (10 copies × 5 sections) over lazy, zarr-backed images."""
+    import anndata as ad
+    import pandas as pd
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    base = sd.read_zarr(path)
+    table = base.tables["table"]
+    images, shapes, tables = {}, {}, []
+    for i in range(N_COPIES):
+        for s in SECTIONS:
+            lib = f"{s}_{i}"
+            cs = {lib: Identity()}
+            img = base.images[f"{s}_full_image"]
+            images[f"{lib}_full_image"] = Image2DModel.parse(img.data, dims=("c", "y", "x"),
+                                                             c_coords=list(img.coords["c"].values), transformations=cs)
+            t = table[(table.obs["region"] == s).to_numpy()]
+            t = t[np.arange(t.n_obs) % 5 == i % 5].copy()
+            circ = base.shapes[s].loc[t.obs["spot_id"].to_numpy()]
+            shapes[lib] = ShapesModel.parse(np.c_[circ.geometry.x, circ.geometry.y], geometry=0,
+                                            radius=circ["radius"].to_numpy(), index=pd.RangeIndex(t.n_obs),
+                                            transformations=cs)
+            t.obs_names = [f"{lib}_{k}" for k in range(t.n_obs)]
+            t.obs["region"] = lib
+            t.obs["spot_id"] = np.arange(t.n_obs)
+            t.obs["library_id"] = lib
+            t.uns = {}
+            tables.append(t)
+    tab = ad.concat(tables, merge="same")
+    libs = [f"{s}_{i}" for i in range(N_COPIES) for s in SECTIONS]
+    tab.obs["region"] = pd.Categorical(tab.obs["region"], categories=libs)
+    tab.uns["spatial"] = {f"{s}_{i}": dict(table.uns["spatial"][s]) for i in range(N_COPIES) for s in SECTIONS}
+    tab = TableModel.parse(tab, region=libs, region_key="region", instance_key="spot_id")
+    return sd.SpatialData(images=images, shapes=shapes, tables={"table": tab})
+
+
+def run(mode: str, path: Path, out: Path) -> None:
+    """One timed embed of the whole cohort in this process; features to ``out`` (npz), stats to stdout."""
+    import stimg as si
+
+    si.settings.progress = False
+    si.settings.verbosity = 1
+    data = cohort(path)
+    table = data.tables["table"]
+    kw = {"cache": False, "batch_size": 64, "accelerator": "cpu", "inplace": False}
+    client = cluster = None
+    t0 = time.perf_counter()
+    if mode == "dask":
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+        kw |= {"client": client, "spots_per_task": 256}
+        worker_threads = list(client.run(lambda: __import__("torch").get_num_threads()).values())
+    else:
+        import torch
+
+        torch.set_num_threads(int(mode[-1]))
+        worker_threads = [torch.get_num_threads()]
+    startup = time.perf_counter() - t0
+    first = table.obs["region"].cat.categories[0]
+    warm = {**kw, "batch_size": 8, "spots_per_task": 8} if client else kw  # several tasks: every worker warms up
+    si.pp.embed(data, library_id=first, **warm)
+    torch_before = "torch" in sys.modules
+    mon = _PeakRSS()
+    t0 = time.perf_counter()
+    feats = si.pp.embed(data, **kw)
+    wall = time.perf_counter() - t0
+    mon.stop()
+    if client is not None:
+        client.close()
+        cluster.close()
+    np.savez(out, feats=feats)
+    print(json.dumps({"mode": mode, "n_spots": int(table.n_obs), "n_slides": int(table.obs["region"].nunique()),
+                      "wall_s": wall, "startup_s": startup, "spots_per_s": table.n_obs / wall,
+                      "driver_rss_before": mon.base, "driver_rss_peak": mon.peak,
+                      "driver_peak_increase": mon.peak - mon.base, "torch_threads": worker_threads,
+                      "driver_imported_torch": "torch" in sys.modules, "torch_before_call": torch_before}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default=os.environ.get("STIMG_BENCH_DASK", "/work/cache/bench_dask"))
+    p.add_argument("--mode", choices=["single1", "single2", "dask"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    path = prepare(Path(a.cache))
+    if a.mode:
+        run(a.mode, path, Path(a.out))
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    stats, feats = {}, {}
+    for mode in ("single1", "dask", "single2"):
+        out = Path(a.cache) / f"feats_{mode}.npz"
+        r = subprocess.run([sys.executable, __file__, "--cache", a.cache, "--mode", mode, "--out", str(out)],
+                           env=env, capture_output=True, text=True, check=False)
+        if r.returncode:
+            sys.exit(f"{mode} failed:\n{r.stderr[-4000:]}")
+        stats[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        with np.load(out) as z:
+            feats[mode] = z["feats"]
+        print(mode, stats[mode], flush=True)
+    import dask
+    import distributed
+    import spatialdata as sd
+    import torch
+
+    base = sd.read_zarr(path)
+    img_bytes = {s: int(np.prod(base.images[f"{s}_full_image"].shape)) for s in SECTIONS}  # uint8
+    res = {
+        "n_slides": stats["dask"]["n_slides"], "n_spots": stats["dask"]["n_spots"], "encoder": "efficientnet_lite0",
+        "patch": "112 µm → 224 px", "batch_size": 64, "spots_per_task": 256, "cluster": "LocalCluster(2 workers × 1 thread)",
+        "runs": stats,
+        "throughput_ratio_dask_over_single2": stats["dask"]["spots_per_s"] / stats["single2"]["spots_per_s"],
+        "throughput_ratio_dask_over_single1": stats["dask"]["spots_per_s"] / stats["single1"]["spots_per_s"],
+        "slide_image_bytes": img_bytes,
+        "driver_peak_increase_over_smallest_slide_image": stats["dask"]["driver_peak_increase"] / min(img_bytes.values()),
+        "features_identical_dask_vs_single1": bool(np.array_equal(feats["dask"], feats["single1"])),
+        "max_abs_diff_dask_vs_single1": float(np.abs(feats["dask"] - feats["single1"]).max()),
+        "max_abs_diff_dask_vs_single2": float(np.abs(feats["dask"] - feats["single2"]).max()),
+        "cpu_count": os.cpu_count(), "loadavg_after": list(os.getloadavg()), "torch": torch.__version__,
+        "dask": dask.__version__, "distributed": distributed.__version__, "platform": platform.platform(),
+    }
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "bench_dask_embed.json").write_text(json.dumps(res, indent=2))
+    print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""si.pp.embed through a dask.distributed cluster: one task per chunk of spots, identical features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stimg as si
+
+distributed = pytest.importorskip("distributed")
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=40) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def test_features_identical_to_one_process_across_tasks_and_sections(client):
+    sdata = si.datasets.synthetic(30, 4, mpp=4.0, n_sections=3)
+    enc = _tiny()
+    kw = {"patch_px": 32, "batch_size": 8, "cache": False, "progress": False}
+    want = si.pp.embed(sdata, enc, inplace=False, **kw)
+    # 24-spot tasks (3 batches) cut across the 30-spot sections: 4 tasks
+    si.pp.embed(sdata, enc, client=client, spots_per_task=20, key_added="X_dask", **kw)
+    table = sdata["table"]
+    np.testing.assert_array_equal(table.obsm["X_dask"], want)
+    assert table.uns["X_dask"]["params"]["device"].startswith("dask")
+
+
+def test_lazy_zarr_images_and_cache(client, tmp_path):
+    import spatialdata as sd
+
+    si.datasets.synthetic(20, 4, mpp=4.0, n_sections=2).write(tmp_path / "s.zarr")
+    sdata = sd.read_zarr(tmp_path / "s.zarr")  # images on disk: only references travel to the workers
+    assert not isinstance(sdata.images["S0_full_image"].data, np.ndarray)
+    enc = _tiny()
+    want = si.pp.embed(sdata, enc, patch_px=32, batch_size=8, inplace=False, cache=False, progress=False)
+    si.pp.embed.clear_cache()
+    kw = {"patch_px": 32, "batch_size": 8, "client": client, "progress": False, "key_added": "X_tiny"}
+    si.pp.embed(sdata, enc, **kw)
+    table = sdata["table"]
+    np.testing.assert_array_equal(table.obsm["X_tiny"], want)
+    si.pp.embed(sdata, enc, **kw)  # all from the cache: nothing is sent to the cluster
+    assert table.uns["X_tiny"]["params"]["n_from_cache"] == table.n_obs
+
+
+def test_bad_client_and_task_size(client):
+    sdata = si.datasets.synthetic(10, 4, mpp=4.0)
+    with pytest.raises(TypeError, match="dask.distributed Client"):
+        si.pp.embed(sdata, _tiny(), patch_px=32, client=object(), cache=False)
+    with pytest.raises(ValueError, match="spots_per_task must be ≥ 1"):
+        si.pp.embed(sdata, _tiny(), patch_px=32, client=client, spots_per_task=0, cache=False)
+    assert not any(k.startswith("X_s") and k != "X_synthetic" for k in sdata["table"].obsm)
