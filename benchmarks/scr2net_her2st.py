@@ -226,7 +226,8 @@ def write_summaries(a, df: pd.DataFrame, out: Path, seconds: dict) -> None:
     t2tab = summarize(df[df.part == "table2"], ["method", "mode"])
     kept = df[df.part == "table2"].groupby(["method", "mode"], sort=False)["kept_fraction"].mean().round(3)
     t2tab["kept by filter"] = kept.reindex(t2tab.index).to_numpy()
-    md = ["# SCR²Net on HER2ST (Table-2 form)", "", f"Command: `{' '.join(['python', *sys.argv])}`", "",
+    cmd = " ".join(["python", *("'…'" if x == a.note else x for x in sys.argv)])
+    md = ["# SCR²Net on HER2ST (Table-2 form)", "", f"Command: `{cmd}`", "",
           t2tab.to_markdown(), ""]
     if a.only_budgets:
         md[2:2] = ["Table 2 rows: kept from the previous full run (`python benchmarks/scr2net_her2st.py`); the budget "
@@ -239,7 +240,7 @@ def write_summaries(a, df: pd.DataFrame, out: Path, seconds: dict) -> None:
         btab = summarize(b, ["sampler", "budget", "method", "mode"])
         md += ["## Training sets chosen by SCRL and random", "", btab.to_markdown(), ""]
         summary["budgets"] = json.loads(btab.to_json(orient="index"))
-    meta = {"command": " ".join(["python", *sys.argv]), "python": platform.python_version(),
+    meta = {"command": cmd, "note": a.note, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "seeds": a.seeds, "budget_seeds": a.budget_seeds,
             "cell_types": CELL_TYPES, "n_genes": 50, "encoder": "efficientnet_lite0",
             "seconds": seconds}
