@@ -5,7 +5,7 @@ set -euo pipefail
 OUT="${1:-$(mktemp -d /tmp/stimg_demo.XXXX)}"
 rm -rf "$OUT/feature_cache"
 start=$(date +%s)
-stimg demo --out "$OUT" --no-progress
+stimg demo --out "$OUT"
 echo "stimg demo wall time: $(( $(date +%s) - start ))s (output in $OUT)"
 # the reduced end-to-end test of the CLI
 STIMG_RUN_DEMO=1 python -m pytest tests/test_cli.py -q -p no:cacheprovider

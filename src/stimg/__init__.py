@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, encoders, io, metrics, pl, pp, tl
+from . import datasets, encoders, io, metrics, pl, pp, segmenters, tl
 from ._settings import settings
 
 try:
@@ -18,7 +18,7 @@ try:
 except PackageNotFoundError:  # pragma: no cover - source tree without install
     __version__ = "0.0.0"
 
-__all__ = ["datasets", "encoders", "io", "metrics", "models", "pl", "pp", "settings", "tl"]
+__all__ = ["datasets", "encoders", "io", "metrics", "models", "pl", "pp", "segmenters", "settings", "tl"]
 
 
 def __getattr__(name: str):

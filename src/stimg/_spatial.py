@@ -169,8 +169,9 @@ def _pick_image(sdata, region: str, image_key):
 
 def _scale0(img):
     from spatialdata import get_pyramid_levels
+    from xarray import DataTree
 
-    return img if hasattr(img, "shape") else get_pyramid_levels(img, n=0)  # DataArray, or level 0 of a DataTree
+    return get_pyramid_levels(img, n=0) if isinstance(img, DataTree) else img  # DataArray, or level 0
 
 
 def _spatialdata_sections(sdata, table, libs, lib_key, lib_values, image_key, spot_diameter_um, need_image):

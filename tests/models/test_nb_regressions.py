@@ -49,3 +49,19 @@ def test_nb_trains_on_an_obsm_entry_taken_from_another_tables_view(accelerator):
     ens = si.models.NBEnsemble(a, n_members=2, n_hidden=8)
     ens.train(max_epochs=1, accelerator=accelerator)
     assert np.isfinite(ens.predict(a).epistemic).all()
+
+
+def test_nb_input_scaling_is_isotropic_by_default():
+    """Z-scoring each feature inflated low-variance context features (issue 15): one scale by default."""
+    a = si.datasets.synthetic(80, 6, image=False, as_anndata=True, seed=2)
+    si.pp.spatial_context(a, "X_synthetic", radius_um=500, key_added="ctx")
+    emb = a.obsm["ctx"].astype(np.float64)
+    assert emb[:, 32:].std(0).mean() < 0.8 * emb[:, :32].std(0).mean()  # the context block varies less
+    si.models.NBRegressor.setup_anndata(a, embedding_key="ctx")
+    iso = si.models.NBRegressor(a, n_hidden=8)
+    sd = iso.module.feature_std.numpy()
+    np.testing.assert_allclose(sd, emb.std(0).mean(), rtol=1e-5)
+    per = si.models.NBRegressor(a, n_hidden=8, standardize="per_feature")
+    np.testing.assert_allclose(per.module.feature_std.numpy(), emb.std(0), rtol=1e-4)
+    with pytest.raises(ValueError, match="standardize must be one of"):
+        si.models.NBRegressor(a, standardize="zscore")

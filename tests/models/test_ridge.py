@@ -80,3 +80,22 @@ def test_errors(adata):
     bad.obsm["X_synthetic"][0, 0] = np.nan
     with pytest.raises(ValueError, match="non-finite"):
         si.models.RidgeRegressor().fit(bad, "X_synthetic", genes=adata.var_names[:2])
+
+
+def test_near_constant_feature_does_not_blow_up_predictions():
+    """A feature almost constant on a small training set (sparse CNN features) once gave |z| ~ 1e4 on new spots."""
+    import stimg as si
+
+    rng = np.random.default_rng(0)
+    adata = si.datasets.synthetic(120, 8, image=False, as_anndata=True, seed=1)
+    x = rng.normal(size=(adata.n_obs, 20))
+    x[:, 0] = 0.0
+    x[:60, 0] = rng.normal(scale=1e-5, size=60)  # ~constant on the training spots
+    x[60:, 0] = rng.normal(scale=1.0, size=60)  # ordinary on new spots
+    adata.obsm["X_f"] = x
+    train = np.arange(adata.n_obs) < 60
+    model = si.models.RidgeRegressor(n_components=10, alpha=1.0).fit(adata, "X_f", genes=adata.var_names,
+                                                                        train_mask=train)
+    pred = model.predict(adata[~train]).mean
+    y = np.log1p(np.asarray(adata[~train].X.todense() if hasattr(adata.X, "todense") else adata[~train].X))
+    assert np.abs(pred).max() < 10 * max(np.abs(y).max(), 1.0)

@@ -74,8 +74,8 @@ def test_spatialdata_in_and_out():
 
 def test_errors():
     img = _slide()
-    with pytest.raises(TypeError):
-        si.pp.tile_image(img, 100)  # mpp is required
+    with pytest.raises(ValueError, match="pass mpp="):
+        si.pp.tile_image(img, 100)  # mpp is required unless the slide records it (si.io.read_wsi)
     with pytest.raises(ValueError, match="mpp"):
         si.pp.tile_image(img, 100, mpp=-1)
     with pytest.raises(ValueError, match="px"):

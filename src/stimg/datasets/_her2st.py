@@ -136,13 +136,15 @@ def _extras(sec: SectionData) -> None:
         lab = ids.map(lambda v: None if pd.isna(v) else names.get(int(v), str(int(v))))
         cats = [names.get(int(v), str(int(v))) for v in sorted(ids.dropna().unique())]
         obs["expression_cluster"] = pd.Categorical(lab.to_numpy(), categories=cats)
-    dec = root / "deconv" / "major" / f"{s}-proportion.tsv"
-    if dec.exists():
-        df = pd.read_csv(dec, sep="\t", index_col=0)
-        df.index = df.index.astype(str)
-        prop = df.reindex(grid_id.to_numpy())
-        if prop.notna().all(axis=1).mean() > 0.5:
-            sec.adata.obsm["deconv_major"] = prop.fillna(0.0).set_index(obs.index)
+    for level in ("major", "minor"):
+        dec = root / "deconv" / level / f"{s}-proportion.tsv"
+        if dec.exists():
+            df = pd.read_csv(dec, sep="\t", index_col=0)
+            df.index = df.index.astype(str)
+            df.columns = [str(c).strip() for c in df.columns]
+            prop = df.reindex(grid_id.to_numpy())
+            if prop.notna().all(axis=1).mean() > 0.5:
+                sec.adata.obsm[f"deconv_{level}"] = prop.fillna(0.0).set_index(obs.index)
 
 
 def her2st_section(section: str, *, image: bool = True, extras: bool = True) -> SectionData:
@@ -194,7 +196,8 @@ def her2st(
     extras
         Attach, where present locally, ``obs['pathologist_label']``, ``obs['expression_cluster']`` (named
         by the study's cluster annotation)
-        and ``obsm['deconv_major']`` (stereoscope proportions of 8 major cell types).
+        ``obsm['deconv_major']`` and ``obsm['deconv_minor']`` (stereoscope proportions of 8 major and 22
+        minor cell types).
 
     Returns
     -------

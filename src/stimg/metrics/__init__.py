@@ -1,5 +1,6 @@
-"""Metrics defined once: regression, spatial, retrieval, uncertainty."""
+"""Metrics defined once: regression (PCC, MSE, MAE), spatial (Moran's I, pattern IoU), uncertainty calibration."""
 
+from ._classification import misclassified, weighted_f1
 from ._regression import PearsonResult, mae, mse, pearson
 from ._retrieval import RecallResult, recall_at_k, silhouette_batch
 from ._spatial import morans_i, pattern_iou
@@ -10,6 +11,7 @@ __all__ = [
     "PearsonResult",
     "RecallResult",
     "mae",
+    "misclassified",
     "morans_i",
     "mse",
     "pattern_iou",
@@ -17,4 +19,5 @@ __all__ = [
     "recall_at_k",
     "silhouette_batch",
     "uncertainty_calibration",
+    "weighted_f1",
 ]

@@ -25,11 +25,15 @@ class CalibrationResult:
         Fraction of ``(spot, gene)`` values inside their predictive interval (NaN without intervals).
     per_slide
         Per slide: ``spearman``, ``coverage``, ``n_spots``.
+    per_gene
+        Interval coverage per gene (rows) in each slide (columns) and over all slides
+        (column ``'all'``; a single slide without ``groups`` is ``'all'``); ``None`` without intervals.
     """
 
     spearman: float
     coverage: float
     per_slide: pd.DataFrame
+    per_gene: pd.DataFrame | None = None
 
     def __float__(self) -> float:
         return float(self.spearman)
@@ -44,6 +48,7 @@ def uncertainty_calibration(
     lower=None,
     upper=None,
     observed=None,
+    var_names: Sequence[str] | None = None,
 ) -> CalibrationResult:
     """Spearman between per-spot uncertainty and absolute error, and predictive-interval coverage.
 
@@ -60,10 +65,13 @@ def uncertainty_calibration(
         ``(n_spots, n_genes)`` bounds of predictive intervals (e.g. 90 % NB intervals of counts).
     observed
         Values the intervals should cover (e.g. raw counts); ``None`` uses ``y_true``.
+    var_names
+        Gene names of the columns (index of ``per_gene``).
 
     Returns
     -------
-    :class:`CalibrationResult`; ``float(result)`` is the mean Spearman over slides.
+    :class:`CalibrationResult`; ``float(result)`` is the mean Spearman over slides and
+    ``result.per_gene`` the coverage of each gene.
 
     Examples
     --------
@@ -75,10 +83,12 @@ def uncertainty_calibration(
     ...                                          lower=-1.645 * sd + 0 * y, upper=1.645 * sd + 0 * y)
     >>> bool(res.spearman > 0.5), bool(0.85 < res.coverage < 0.95)
     (True, True)
+    >>> res.per_gene.shape  # coverage of each of the 5 genes (one column per slide, and 'all')
+    (5, 1)
     """
     from scipy.stats import spearmanr
 
-    yt, yp, g, _ = _prepare(y_true, y_pred, groups, None)
+    yt, yp, g, genes = _prepare(y_true, y_pred, groups, var_names)
     n = yt.shape[0]
     u = np.asarray(uncertainty, dtype=np.float64)
     if u.ndim == 2:
@@ -102,12 +112,18 @@ def uncertainty_calibration(
             raise ValueError(msg)
         inside = (obs >= lo) & (obs <= hi)
     err = np.abs(yt - yp).mean(1)
-    rows = {}
+    rows, by_gene = {}, {}
     for s in pd.unique(g):
         m = g == s
         rho = spearmanr(u[m], err[m]).statistic if m.sum() > 2 and np.ptp(u[m]) > 0 else np.nan
         cov = float(inside[m].mean()) if inside is not None else np.nan
         rows[str(s)] = {"spearman": float(rho), "coverage": cov, "n_spots": int(m.sum())}
+        if inside is not None:
+            by_gene[str(s)] = inside[m].mean(0)
     per = pd.DataFrame.from_dict(rows, orient="index")
     coverage = float(inside.mean()) if inside is not None else float("nan")
-    return CalibrationResult(float(per["spearman"].mean()), coverage, per)
+    per_gene = None
+    if inside is not None:
+        by_gene["all"] = inside.mean(0)
+        per_gene = pd.DataFrame(by_gene, index=genes)
+    return CalibrationResult(float(per["spearman"].mean()), coverage, per, per_gene)

@@ -19,11 +19,16 @@ _LAZY: dict[str, str] = {
     # active sampling (issue 5)
     "SamplingPolicy": "._sampling._policy",
     "RewardWeights": "._sampling._rewards",
+    "SCRLSampler": "._sampling._scrl",
     # single-cell priors (issue 5)
     "SingleCellPrior": "._sc_prior",
     "GeneEncoder": "._sc_prior",
     "ScviGeneEncoder": "._sc_prior",
     "PCAGeneEncoder": "._sc_prior",
+    # SCR²Net: regression + retrieval with majority cell-type filtering (issue 9)
+    "SCR2Net": "._scr2net",
+    # active annotation (issue 10)
+    "SpotClassifier": "._classifier",
     # contrastive alignment and retrieval (issue 8)
     "ContrastiveAligner": "._align",
 }

@@ -129,7 +129,19 @@ def embedding_provenance(adata: Any, embedding_key: str) -> dict[str, Any]:
         "patch_px": None if params.get("patch_px") is None else int(params["patch_px"]),
         "stain": params.get("stain") if isinstance(params.get("stain"), str | type(None)) else "per-section",
         "dim": dim,
+        "context": _context_signature(params),
     }
+
+
+def _context_signature(params: dict[str, Any]) -> str | None:
+    """How features were derived from embeddings (si.pp.spatial_context / combine_features), or ``None``."""
+    fn = params.get("function")
+    if fn == "spatial_context":
+        return f"spatial_context({params.get('embedding_key')}, radius_um={list(params.get('radius_um', []))}, " \
+               f"method={params.get('method')!r})"
+    if fn == "combine_features":
+        return f"combine_features({list(params.get('keys', []))})"
+    return None
 
 
 def check_embedding(adata: Any, provenance: dict[str, Any], *, embedding_key: str | None = None) -> str:
@@ -148,11 +160,12 @@ def check_embedding(adata: Any, provenance: dict[str, Any], *, embedding_key: st
         msg = (f"adata.obsm[{key!r}] has {got['dim']} features but the model was trained on {provenance['dim']} "
                f"({enc or 'unknown encoder'}); embed with {how}.")
         raise ValueError(msg)
-    for field in ("encoder", "encoder_identity", "patch_um", "patch_px"):
+    for field in ("encoder", "encoder_identity", "patch_um", "patch_px", "context"):
         want, have = provenance.get(field), got.get(field)
         if want is not None and have is not None and want != have:
+            fix = f"derive it the same way: {want}" if field == "context" else f"embed the new data with {how}"
             msg = (f"adata.obsm[{key!r}] was computed with {field}={have!r} but the model was trained with "
-                   f"{field}={want!r}; embed the new data with {how}.")
+                   f"{field}={want!r}; {fix}.")
             raise ValueError(msg)
     return key
 

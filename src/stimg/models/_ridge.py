@@ -25,6 +25,27 @@ from ._base import (
 )
 
 _DEFAULT_ALPHAS = tuple(float(a) for a in np.logspace(-2, 6, 17))
+#: a feature's sd is floored at this fraction of the median feature sd of the training spots
+SD_FLOOR = 0.1
+
+
+def _floored_scaler():
+    """StandardScaler whose sd is floored at ``SD_FLOOR`` × the median sd.
+
+    A feature (nearly) constant on a few training spots — common for sparse CNN features when a
+    model is trained on a small sampled set — would otherwise get a tiny sd, and new spots whose
+    value differs would be standardised to |z| ~ 10⁴ and wreck the predictions.
+    """
+    from sklearn.preprocessing import StandardScaler
+
+    class FlooredScaler(StandardScaler):
+        def fit(self, X, y=None, sample_weight=None):
+            super().fit(X, y, sample_weight)
+            if self.scale_ is not None and self.scale_.size:
+                self.scale_ = np.maximum(self.scale_, SD_FLOOR * float(np.median(self.scale_)))
+            return self
+
+    return FlooredScaler()
 
 
 def log1p_counts(adata, genes: Sequence[str], layer: str | None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -50,8 +71,9 @@ def log1p_counts(adata, genes: Sequence[str], layer: str | None, rows: np.ndarra
 class RidgeRegressor(ModelIO):
     """Ridge regression from frozen patch features to log1p expression (the HEST baseline).
 
-    Features are standardised, reduced by PCA to ``n_components`` (capped by the data), and
-    regressed on ``log1p`` counts of the target genes by ridge. With ``alpha='cv'`` the penalty is
+    Features are standardised (each sd floored at 0.1 × the median feature sd, so a feature almost
+    constant on the training spots cannot blow up predictions), reduced by PCA to ``n_components``
+    (capped by the data), and regressed on ``log1p`` counts of the target genes by ridge. With ``alpha='cv'`` the penalty is
     chosen from ``alphas`` by cross-validation on the training spots: leave-one-section-out when
     the training spots span 2 to ``cv`` sections, grouped ``cv``-fold by section when they span
     more, shuffled ``cv``-fold for one section. Standardisation and PCA are refitted inside every
@@ -140,9 +162,7 @@ class RidgeRegressor(ModelIO):
         from sklearn.decomposition import PCA
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import Pipeline
-        from sklearn.preprocessing import StandardScaler
-
-        steps = [("scale", StandardScaler())]
+        steps = [("scale", _floored_scaler())]
         if k is not None:
             steps.append(("pca", PCA(n_components=k, svd_solver="full")))
         steps.append(("ridge", Ridge(alpha=alpha)))

@@ -105,7 +105,10 @@ class ScviGeneEncoder:
     def fit(self, reference: AnnData) -> ScviGeneEncoder:
         import scvi
 
-        scvi.settings.seed = self.seed
+        from ._nb._training import quiet_lightning
+
+        with quiet_lightning():
+            scvi.settings.seed = self.seed
         ref = AnnData(X=sp.csr_matrix(reference.X, dtype=np.float32), var=pd.DataFrame(index=reference.var_names))
         if self.n_top_genes is not None and ref.n_vars > self.n_top_genes:
             import scanpy as sc
@@ -121,13 +124,23 @@ class ScviGeneEncoder:
         self.genes_ = ref.var_names
         scvi.model.SCVI.setup_anndata(ref)
         self.model_ = scvi.model.SCVI(ref, n_latent=self.n_latent)
-        self.model_.train(max_epochs=self.max_epochs, accelerator=self.accelerator, enable_progress_bar=False)
+        with quiet_lightning():
+            self.model_.train(max_epochs=self.max_epochs, accelerator=self.accelerator, enable_progress_bar=False,
+                              enable_model_summary=False)
         return self
 
     def transform(self, adata: AnnData) -> np.ndarray:
+        import logging
+
         x = adata[:, self.genes_].X
         q = AnnData(X=sp.csr_matrix(x, dtype=np.float32), var=pd.DataFrame(index=self.genes_))
-        return np.asarray(self.model_.get_latent_representation(q), dtype=np.float32)
+        scvi_logger = logging.getLogger("scvi")
+        old = scvi_logger.level
+        scvi_logger.setLevel(logging.WARNING)  # "Input AnnData not setup with scvi-tools ..." on every query
+        try:
+            return np.asarray(self.model_.get_latent_representation(q), dtype=np.float32)
+        finally:
+            scvi_logger.setLevel(old)
 
 
 def _make_encoder(encoder: str | GeneEncoder | Callable, seed: int) -> Any:

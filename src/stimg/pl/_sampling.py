@@ -13,6 +13,8 @@ def sampling_curve(
     *,
     metric: str = "pcc",
     methods: Sequence[str] | None = None,
+    model: str | None = None,
+    genes: str | None = None,
     ax=None,
     return_fig: bool = False,
     **kwargs,
@@ -27,6 +29,9 @@ def sampling_curve(
         Metric to plot (``'pcc'``, ``'pcc_pooled'``, ``'mse'``).
     methods
         Methods to show, in this order; ``None`` shows all.
+    model, genes
+        Downstream model and gene set to show (columns ``model``/``genes`` of ``results``); needed
+        only when ``results`` holds several.
     ax
         Matplotlib axes to draw into.
     return_fig
@@ -52,6 +57,21 @@ def sampling_curve(
         msg = f"results lacks columns {sorted(missing)}; pass the output of si.tl.simulate_sampling."
         raise KeyError(msg)
     sub = results[results["metric"] == metric]
+    for col, want in (("model", model), ("genes", genes)):
+        if col not in sub.columns:
+            if want is not None:
+                msg = f"results has no {col!r} column; drop {col}=."
+                raise KeyError(msg)
+            continue
+        have = list(pd.unique(sub[col]))
+        if want is None and len(have) > 1:
+            msg = f"results holds several {col} values {have}; choose one with {col}=."
+            raise ValueError(msg)
+        if want is not None:
+            if want not in have:
+                msg = f"{col}={want!r} is not in results. Available: {have}."
+                raise KeyError(msg)
+            sub = sub[sub[col] == want]
     if sub.empty:
         msg = f"No rows for metric {metric!r}. Available: {sorted(results['metric'].unique())}."
         raise KeyError(msg)
@@ -70,6 +90,7 @@ def sampling_curve(
     ax.set_xticks(b)
     ax.set_xticklabels([f"{x:.0%}" if x <= 1 else f"{int(x)}" for x in b])
     ax.set_xlabel("budget (sampled spots)")
-    ax.set_ylabel({"pcc": "PCC (mean over genes)", "pcc_pooled": "pooled PCC", "mse": "MSE"}.get(metric, metric))
+    ax.set_ylabel({"pcc": "PCC (mean over genes)", "pcc_pooled": "pooled PCC", "mse": "MSE", "mae": "MAE"}.get(
+        metric, metric))
     ax.legend(frameon=False, fontsize="small")
     return ax.figure if return_fig else ax

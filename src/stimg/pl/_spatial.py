@@ -48,6 +48,31 @@ def _values(table, color: str, layer: str | None) -> tuple[pd.Series, str]:
     raise KeyError(msg)
 
 
+_UNITS = {  # colour-bar labels of the layers and columns stimg writes
+    "si_pred": "predicted log1p(counts)",
+    "si_aleatoric": "aleatoric variance, log1p(counts)²",
+    "si_epistemic": "epistemic variance, log1p(counts)²",
+    "si_uncertainty": "predictive variance, log1p(counts)²",
+    "log1p": "log1p(counts)",
+    "tissue_coverage": "tissue fraction",
+}
+
+
+def _colorbar_label(table, color: str, layer: str | None) -> str:
+    """Quantity and unit of a continuous colour (counts, log1p counts, variances)."""
+    if color in table.obs:
+        return _UNITS.get(color, color)
+    if color in table.var_names:
+        if layer is None:
+            return "counts"  # X holds raw counts (stimg's readers)
+        info = table.uns.get(layer)
+        scale = info.get("params", {}).get("scale") if isinstance(info, dict) else None
+        if scale is not None:  # a prediction layer of si.tl.predict_expression
+            return "predicted counts" if scale == "counts" else "predicted log1p(counts)"
+        return _UNITS.get(layer, layer)
+    return color
+
+
 def spatial(
     data: Any,
     color: str | None = None,
@@ -69,6 +94,8 @@ def spatial(
     ncols: int = 3,
     ax: Any = None,
     legend: bool = True,
+    colorbar_label: str | None = None,
+    shape: str = "circle",
     return_fig: bool = False,
 ):
     """Spots drawn at their true size over the H&E, coloured by any obs column, gene, layer or obsm column.
@@ -107,6 +134,11 @@ def spatial(
         Axes to draw into (one per section).
     legend
         Draw a colour bar / category legend.
+    colorbar_label
+        Label of the colour bar; ``None`` names the quantity and its unit (``'counts'``,
+        ``'log1p(counts)'``, ``'predicted log1p(counts)'``, variances of log1p counts, …).
+    shape
+        ``'circle'`` (spots) or ``'square'`` (tiles of :func:`stimg.pp.tile_image`: a heat map).
     return_fig
         Return the Figure instead of the Axes.
 
@@ -120,10 +152,13 @@ def spatial(
     >>> ax = si.pl.spatial(si.datasets.synthetic(16, 5), "cell_type")
     """
     import matplotlib.pyplot as plt
-    from matplotlib.collections import EllipseCollection
+    from matplotlib.collections import EllipseCollection, PolyCollection
     from matplotlib.colors import Normalize, to_rgba
     from matplotlib.lines import Line2D
 
+    if shape not in ("circle", "square"):
+        msg = f"shape must be 'circle' or 'square', got {shape!r}."
+        raise ValueError(msg)
     table = get_table(data, table_key)
     secs = sections(data, table_key=table_key, library_id=library_id, library_key=library_key,
                     image_key=image_key, need_image=img)
@@ -170,8 +205,12 @@ def spatial(
             ec = "none"
         else:
             fc, ec = None, "none"
-        coll = EllipseCollection(d, d, 0, units="xy", offsets=s.xy, offset_transform=a.transData,
-                                 facecolors=fc, edgecolors=ec, linewidths=0.5)
+        if shape == "square":
+            corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * d / 2
+            coll = PolyCollection(s.xy[:, None, :] + corners[None], facecolors=fc, edgecolors=ec, linewidths=0.5)
+        else:
+            coll = EllipseCollection(d, d, 0, units="xy", offsets=s.xy, offset_transform=a.transData,
+                                     facecolors=fc, edgecolors=ec, linewidths=0.5)
         if vals is not None and not categorical:
             coll.set_array(np.ma.masked_invalid(vals.to_numpy(dtype=float)[s.obs_index]))
             coll.set_cmap(cmap)
@@ -187,7 +226,8 @@ def spatial(
         a.set_yticks([])
         a.set_title(title if title is not None else (f"{s.library_id}: {label}" if label else s.library_id))
         if legend and vals is not None and not categorical:
-            fig.colorbar(coll, ax=a, shrink=0.7)
+            cb = fig.colorbar(coll, ax=a, shrink=0.7)
+            cb.set_label(colorbar_label if colorbar_label is not None else _colorbar_label(table, color, layer))
     if legend and vals is not None and categorical:
         handles = [Line2D([], [], marker="o", ls="", color=palette[c], label=str(c)) for c in cats]
         axs[-1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=label)

@@ -1,8 +1,16 @@
-"""Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings."""
+"""Preprocessing: tissue QC, stain normalisation, gene selection, patches, embeddings, pseudo-spots, tiles."""
 
+from ._context import (
+    ContextMethod,
+    combine_features,
+    list_context_methods,
+    register_context_method,
+    spatial_context,
+)
 from ._embed import embed
 from ._embed_grid import embed_grid
 from ._genes import select_genes
+from ._integrate import integrate_expression
 from ._patches import extract_patches
 from ._pseudo_spots import pseudo_spots
 from ._stain import StainTransform, stain_normalize, stain_vectors
@@ -10,13 +18,19 @@ from ._tile import tile_image
 from ._tissue import tissue_coverage, tissue_mask
 
 __all__ = [
+    "ContextMethod",
     "PatchDataset",
     "StainTransform",
+    "combine_features",
     "embed",
     "embed_grid",
     "extract_patches",
+    "integrate_expression",
+    "list_context_methods",
     "pseudo_spots",
+    "register_context_method",
     "select_genes",
+    "spatial_context",
     "stain_normalize",
     "stain_vectors",
     "tile_image",

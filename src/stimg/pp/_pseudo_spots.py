@@ -68,9 +68,10 @@ def pseudo_spots(
 
     Each unit (a Xenium cell, a Visium HD bin, any spot) goes to the grid cell that contains its
     centre, per section (never across sections): squares of side ``size_um``, or hexagons of width
-    ``size_um`` (centres on a triangular lattice of spacing ``size_um``; the tiling has no gaps,
+    ``size_um`` (cells of a triangular lattice of spacing ``size_um``; the tiling has no gaps,
     unlike Visium's 55 µm spots at 100 µm pitch). Counts are summed; with ``labels_key`` the
-    fraction of each label (e.g. cell type) per pseudo-spot is kept. Linear in units.
+    fraction of each label (e.g. cell type) per pseudo-spot is kept. A pseudo-spot's centre is the
+    mean position of its units (the cell's centre when the cell is full). Linear in units.
 
     Parameters
     ----------
@@ -162,8 +163,6 @@ def pseudo_spots(
         keep = counts >= int(min_units)
         new_id = np.cumsum(keep) - 1
         ok = keep[inverse]
-        first = np.zeros(len(uniq), np.int64)
-        first[inverse[::-1]] = np.arange(len(inverse))[::-1]
         region = f"{u.library_id}_{key_added}"
         spot_names = np.array([f"{u.library_id}_{key_added}_{i}_{j}" for i, j in uniq[keep]], dtype=object)
         rows.append(offset + new_id[inverse[ok]])
@@ -172,7 +171,11 @@ def pseudo_spots(
         names.append(spot_names)
         libs += [u.library_id] * int(keep.sum())
         regions += [region] * int(keep.sum())
-        centres_native.append(centres_um[first[keep]] / u.um_per_unit)
+        # centre: the mean position of the units (the grid cell's centre for a full interior cell; inside
+        # the tissue — and the image — for cells cut by the tissue edge)
+        sums = np.zeros((len(uniq), 2))
+        np.add.at(sums, inverse, u.xy)
+        centres_native.append(sums[keep] / counts[keep, None])
         n_units.append(counts[keep])
         offset += int(keep.sum())
     if offset == 0:

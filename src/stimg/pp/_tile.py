@@ -46,11 +46,45 @@ def _sdata_image(sdata: Any, image_key: str | None) -> str:
     return max(sdata.images, key=lambda k: int(np.prod(_scale0(sdata.images[k]).shape[-2:])))
 
 
+def _levels(elem: Any) -> list[Any]:
+    """``(c, y, x)`` DataArrays of an image element, finest first."""
+    from spatialdata import get_pyramid_levels
+    from xarray import DataTree
+
+    return list(get_pyramid_levels(elem)) if isinstance(elem, DataTree) else [elem]
+
+
+def _working_rgb(elem: Any, working_mpp: float, mpp: float) -> tuple[np.ndarray, float]:
+    """RGB ``(y, x, 3)`` uint8 at about ``working_mpp`` µm/px, and its stride in full-resolution pixels.
+
+    Reads only the coarsest pyramid level at least as fine as ``working_mpp``, area-averaged with dask.
+    """
+    import dask.array as da
+
+    levels = _levels(elem)
+    h0 = levels[0].shape[-2]
+    want = max(1.0, working_mpp / mpp)  # full-resolution pixels per working pixel
+    best = levels[0]
+    for lv in levels:
+        if h0 / lv.shape[-2] <= want * 1.001:
+            best = lv
+    ds = h0 / best.shape[-2]
+    f = max(1, int(np.floor(want / ds)))
+    arr = best.data if hasattr(best, "data") else best
+    arr = arr[:3] if arr.shape[0] > 3 else arr
+    if not isinstance(arr, da.Array):
+        arr = da.from_array(np.asarray(arr), chunks=(arr.shape[0], 4096, 4096))
+    if f > 1:
+        arr = da.coarsen(np.mean, arr.astype(np.float32), {1: f, 2: f}, trim_excess=True)
+    small = np.moveaxis(np.asarray(arr.compute()), 0, -1)
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8), ds * f
+
+
 def tile_image(
     image: Any,
     tile_um: float = 112.0,
     *,
-    mpp: float,
+    mpp: float | None = None,
     min_tissue: float = 0.5,
     stride_um: float | None = None,
     image_key: str | None = None,
@@ -63,7 +97,10 @@ def tile_image(
 
     The image is covered by a grid of ``tile_um`` µm tiles (step ``stride_um``); tissue is detected
     by Otsu thresholding of saturation (:func:`stimg.pp.tissue_mask`'s method) at ``working_mpp``
-    µm/px, and tiles with at least ``min_tissue`` tissue are kept. Each tile becomes a "spot" whose
+    µm/px, and tiles with at least ``min_tissue`` tissue are kept. A SpatialData input (e.g. from
+    :func:`stimg.io.read_wsi`) is tiled lazily: only the coarsest pyramid level at least as fine as
+    ``working_mpp`` is read (area-averaged) for the tissue mask, and the output references the
+    slide's image element without reading or copying its pixels. Each tile becomes a "spot" whose
     centre is the tile centre and whose diameter is the tile side, so ``si.pp.embed(tiles,
     patch_um=tile_um)`` embeds exactly the tile (STImage's use case: predicting expression on
     TCGA slides).
@@ -76,7 +113,8 @@ def tile_image(
     tile_um
         Side of a tile in µm.
     mpp
-        µm per pixel of the image (full resolution).
+        µm per pixel of the image (full resolution). ``None``: read from a SpatialData made by
+        :func:`stimg.io.read_wsi` (``sdata.attrs['stimg_wsi']['mpp']``).
     min_tissue
         Minimum tissue fraction of a kept tile (0 keeps all tiles).
     stride_um
@@ -114,9 +152,19 @@ def tile_image(
     """
     from ..io._convert import HIRES_MAX_SIDE
     from ..io._image import downsample, read_image
+    from ..io._wsi import WSI_ATTRS
     from ._tissue import _coverage, mask_from_rgb
 
     start = time.perf_counter()
+    sdata = image if is_spatialdata(image) else None
+    if mpp is None:
+        wsi = getattr(sdata, "attrs", {}).get(WSI_ATTRS) if sdata is not None else None
+        if wsi is None:
+            msg = ("mpp (µm per pixel of the image) is unknown: pass mpp=, or read the slide with si.io.read_wsi, "
+                   "which records it.")
+            raise ValueError(msg)
+        mpp = wsi["mpp"]
+        image_key = image_key or wsi.get("image_key")
     for name, v in (("tile_um", tile_um), ("mpp", mpp), ("working_mpp", working_mpp)):
         if v is None or not (np.isfinite(v) and v > 0):
             msg = f"{name} must be a positive number, got {v!r}."
@@ -125,18 +173,20 @@ def tile_image(
         msg = f"stride_um must be a positive number of µm, got {stride_um!r}."
         raise ValueError(msg)
     check_fraction(min_tissue, "min_tissue")
-    sdata = image if is_spatialdata(image) else None
+    to_sd = (sdata is not None) if as_spatialdata is None else bool(as_spatialdata)
+    img = None
     if sdata is not None:
-        from .._spatial import _scale0
-
         image_key = _sdata_image(sdata, image_key)
         elem = sdata.images[image_key]
-        img = _as_yxc(_scale0(elem))
+        h, w = _levels(elem)[0].shape[-2:]
+        if not to_sd:  # an AnnData keeps the full image in memory
+            img = _as_yxc(_levels(elem)[0])
     elif isinstance(image, str | os.PathLike):
         img = read_image(image)
     else:
         img = _as_yxc(np.asarray(image))
-    h, w = img.shape[:2]
+    if img is not None:
+        h, w = img.shape[:2]
     tile_px = tile_um / mpp
     step_px = (stride_um if stride_um is not None else tile_um) / mpp
     if tile_px < 2 or tile_px > min(h, w):
@@ -147,8 +197,11 @@ def tile_image(
     col, row = np.meshgrid(np.arange(nx), np.arange(ny))
     col, row = col.ravel(), row.ravel()
     xy = np.c_[tile_px / 2 + col * step_px, tile_px / 2 + row * step_px]
-    stride = max(1, int(round(working_mpp / mpp)))
-    small = img[::stride, ::stride]
+    if img is None:  # lazy slide: mask from the pyramid
+        small, stride = _working_rgb(elem, working_mpp, mpp)
+    else:
+        stride = max(1, int(round(working_mpp / mpp)))
+        small = img[::stride, ::stride]
     mask, thr = mask_from_rgb(small)
     cov = _coverage(mask, xy / stride, tile_px / 2 / stride, square=True)
     keep = cov >= min_tissue
@@ -177,7 +230,6 @@ def tile_image(
               "min_tissue": float(min_tissue), "working_mpp": float(working_mpp), "otsu_saturation_threshold": thr,
               "n_tiles_grid": int(nx * ny), "image_key": image_key}
     adata.uns["tile_image"] = {"params": params}
-    to_sd = (sdata is not None) if as_spatialdata is None else bool(as_spatialdata)
     logger.info("kept %d of %d tiles of %g µm with ≥ %g%% tissue (%.1fs)", n, nx * ny, tile_um, 100 * min_tissue,
                 time.perf_counter() - start)
     if not to_sd:
@@ -193,11 +245,7 @@ def tile_image(
 
     if sdata is not None:
         img_elem = sdata.images[image_key]
-        trans = get_transformation(img_elem, get_all=True)
-        if hasattr(img_elem, "dims"):
-            base_t = trans
-        else:  # multiscale: the scale-0 transformations
-            base_t = get_transformation(_scale0(img_elem), get_all=True)
+        base_t = get_transformation(_levels(img_elem)[0], get_all=True)  # scale 0 of a pyramid
         base_t = {k: v for k, v in base_t.items()} or {library_id: Identity()}
     else:
         image_key = f"{library_id}_full_image"

@@ -1,24 +1,23 @@
-"""Active sampling under a sequencing budget: SCRL (single-cell-guided RL) and baselines."""
+"""Active sampling under a sequencing budget: run any sampler plug-in (SCRL, baselines, your own)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from anndata import AnnData
 
 from .._constants import SAMPLE_ROUND_OBS, SAMPLED_OBS, SPATIAL_KEY, TABLE_KEY
 from .._docs import d
 from .._logging import log_added, logger
 from .._spatial import get_table, library_column
-from .._utils import progress_bar
 from .._validate import assert_key_in, check_matrix
 
-METHODS = ("scrl", "random", "uncertainty", "diversity", "grid", "kmeans")
+#: ``method`` of :func:`active_sample` when none is given: the sampler that won on held-out
+#: patients in ``benchmarks/her2st_sampling.py`` (see the docs' active-sampling tutorial).
+DEFAULT_METHOD = "scrl"
 _NOT_IMAGE = {"X_pca", "X_umap", "X_tsne", "X_diffmap", "X_scvi", "X_draw_graph_fr", "X_spatial", "X_mde"}
 
 
@@ -35,16 +34,15 @@ def _image_embedding(data: Any, table: AnnData, embedding_key: str | None) -> tu
     cands = [k for k in table.obsm if k.startswith("X_") and k not in _NOT_IMAGE]
     if cands:
         return cands[0], table.obsm[cands[0]], False
-    try:
-        from ..pp import embed
-    except ImportError:
-        embed = None
-    if embed is None:
-        msg = (f"No image embedding in table.obsm (keys: {list(table.obsm)}). Run si.pp.embed(data) first, "
-               "or pass embedding_key=.")
-        raise KeyError(msg)
+    from ..pp import embed
+
     logger.info("no image embedding found: computing one with si.pp.embed")
-    emb = embed(data, inplace=False)
+    try:
+        emb = embed(data, inplace=False)
+    except (KeyError, ValueError, TypeError) as e:
+        msg = (f"No image embedding in table.obsm (keys: {list(table.obsm)}) and computing one with si.pp.embed "
+               f"failed: {e} Run si.pp.embed(data) on data with an image, or pass embedding_key=.")
+        raise KeyError(msg) from None
     return "X_efficientnet_lite0", np.asarray(emb), True
 
 
@@ -53,12 +51,6 @@ def _counts(table: AnnData, layer: str | None):
         assert_key_in(table.layers, layer, where="table.layers")
         return table.layers[layer]
     return table.X
-
-
-def _log1p_rows(x, idx: np.ndarray) -> np.ndarray:
-    rows = x[idx]
-    rows = rows.toarray() if sp.issparse(rows) else np.asarray(rows)
-    return np.log1p(np.maximum(rows.astype(np.float32), 0))
 
 
 def _resolve_budget(budget: float | int, n_total: int, n_free: int) -> int:
@@ -81,56 +73,53 @@ def _resolve_budget(budget: float | int, n_total: int, n_free: int) -> int:
     return b
 
 
-def _weights(weights) -> Any:
-    from ..models._sampling._rewards import RewardWeights
-
-    if isinstance(weights, RewardWeights):
-        return weights
-    if isinstance(weights, Mapping):
-        bad = set(weights) - {"sc", "type", "spa"}
-        if bad:
-            msg = f"Unknown reward weights {sorted(bad)}; use 'sc', 'type', 'spa'."
+def _measured(table: AnnData, mode: str, sampled_key: str | None) -> np.ndarray:
+    n = table.n_obs
+    if mode == "simulate":
+        if sampled_key is not None:
+            msg = "sampled_key= is only used with mode='propose' (spots measured in earlier rounds)."
             raise ValueError(msg)
-        return RewardWeights(**{k: float(v) for k, v in weights.items()})
-    w = tuple(float(v) for v in weights)
-    if len(w) != 3:
-        msg = f"weights must be (w_sc, w_type, w_spa), got {weights!r}."
+        return np.zeros(n, dtype=bool)
+    if sampled_key is None:
+        logger.info("propose: no spot measured yet (sampled_key=None), proposing an image-only first batch")
+        return np.zeros(n, dtype=bool)
+    assert_key_in(table.obs, sampled_key, where="table.obs",
+                  hint="Pass the boolean column marking spots measured so far (e.g. 'si_sampled'), or None.")
+    col = table.obs[sampled_key]
+    if col.isna().any():
+        msg = f"obs[{sampled_key!r}] has missing values; mark every spot True (measured) or False."
         raise ValueError(msg)
-    return RewardWeights(*w)
+    vals = col.to_numpy()
+    if vals.dtype != bool and not np.isin(vals, [0, 1]).all():
+        msg = f"obs[{sampled_key!r}] must be boolean (measured or not), got values such as {vals[:3].tolist()}."
+        raise TypeError(msg)
+    return vals.astype(bool)
 
 
-def _policy_input(emb: np.ndarray, n_comps: int, seed: int) -> np.ndarray:
-    x = np.asarray(emb, dtype=np.float32)
-    x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
-    if x.shape[1] > n_comps and x.shape[0] > n_comps:
-        from sklearn.decomposition import PCA
-
-        x = PCA(n_comps, random_state=seed, svd_solver="randomized").fit_transform(x)
-        x = x / np.maximum(x.std(0), 1e-6)
-    return np.ascontiguousarray(x, dtype=np.float32)
-
-
-class _FallbackClusters:
-    """Biological labels without a reference: k-means on PCA of log1p expression of revealed spots."""
-
-    def __init__(self, x, n_clusters: int, seed: int) -> None:
-        self.x, self.n_clusters, self.seed = x, int(n_clusters), seed
-
-    def __call__(self, idx: np.ndarray):
-        from sklearn.cluster import KMeans
-        from sklearn.decomposition import PCA
-
-        y = _log1p_rows(self.x, idx)
-        v = y.var(0)
-        y = y[:, np.argsort(-v)[: min(2000, y.shape[1])]]
-        k = int(min(self.n_clusters, max(1, len(idx) // 3)))
-        if len(idx) < 3 or k < 2:
-            lab = np.zeros(len(idx), dtype=np.int64)
-            return lab, lab
-        nc = int(min(30, y.shape[1], len(idx) - 1))
-        z = PCA(nc, random_state=self.seed).fit_transform(y - y.mean(0)) if nc >= 2 else y
-        lab = KMeans(k, n_init=1, random_state=self.seed).fit_predict(z).astype(np.int64)
-        return lab, lab
+def _check_selection(rounds: Any, n: int, measured: np.ndarray, b: int, label: str) -> list[np.ndarray]:
+    if not isinstance(rounds, (list, tuple)) or all(np.ndim(r) == 0 for r in rounds):
+        rounds = [rounds]  # one array (or a list of indices): one round
+    out = []
+    for r in rounds:
+        arr = np.asarray(r)
+        if arr.size and not np.issubdtype(arr.dtype, np.integer):
+            msg = f"Sampler {label} returned {arr.dtype} values; return integer spot indices (positions)."
+            raise TypeError(msg)
+        out.append(arr.astype(np.int64).ravel())
+    allidx = np.concatenate(out) if out else np.zeros(0, np.int64)
+    if allidx.size and (allidx.min() < 0 or allidx.max() >= n):
+        msg = f"Sampler {label} returned indices outside [0, {n}); return positions of the table's spots."
+        raise ValueError(msg)
+    if np.unique(allidx).size != allidx.size:
+        msg = f"Sampler {label} returned some spots more than once; return distinct spots."
+        raise ValueError(msg)
+    if measured[allidx].any():
+        msg = f"Sampler {label} returned {int(measured[allidx].sum())} spot(s) already measured; choose from ctx.free."
+        raise ValueError(msg)
+    if allidx.size != b:
+        msg = f"Sampler {label} returned {allidx.size} spots for a budget of {b}; return exactly ctx.budget spots."
+        raise ValueError(msg)
+    return out
 
 
 @d.dedent
@@ -138,114 +127,83 @@ def active_sample(
     data: Any,
     budget: float | int = 0.1,
     *,
-    method: str = "scrl",
+    method: Any = DEFAULT_METHOD,
     mode: str = "simulate",
     embedding_key: str | None = None,
     table_key: str = TABLE_KEY,
     library_key: str | None = None,
     spatial_key: str = SPATIAL_KEY,
     layer: str | None = None,
-    reference: AnnData | None = None,
-    cell_type_key: str = "celltype_major",
-    encoder: Any = "scvi",
-    prior: Any = None,
     sampled_key: str | None = None,
-    n_rounds: int = 20,
-    n_rollouts: int = 8,
-    weights: Mapping[str, float] | Sequence[float] | Any = (20.0, 5.0, 10.0),
-    n_clusters: int = 30,
-    lr: float = 1e-2,
     seed: int | None = None,
     progress: bool | None = None,
     key_added: str = SAMPLED_OBS,
     inplace: bool = True,
+    **method_kwargs: Any,
 ) -> pd.DataFrame | None:
-    """Choose which spots to sequence under a budget: SCRL or a baseline.
+    """Choose which spots to sequence under a budget, with any sampler.
 
-    **SCRL** (SCR²-ST, single-cell-guided reinforcement learning): a policy
-    ``π(e) = W2·ReLU(W1·e)`` on image embeddings draws ``k = budget / n_rounds`` unsampled spots
-    per round (softmax, without replacement; the first round is random). Each round, candidate
-    batches are scored by the gain in ``R = w_sc·R_sc + w_type·R_type + w_spa·R_spa``:
+    ``method`` names a registered sampler (:func:`stimg.tl.list_samplers`; add your own with
+    :func:`stimg.tl.register_sampler`) or is a sampler object or function. Extra keyword arguments
+    are the sampler's own options. Built in:
 
-    - ``R_sc``: fraction of ``n_clusters`` cell-state centroids (MiniBatchKMeans on PCA-50 of
-      the reference's scVI embeddings) hit by the sampled spots (spots embedded as scVI queries);
-    - ``R_type``: normalised entropy of the sampled spots' nearest-cell types;
-    - ``R_spa``: dispersion of the samples minus the mean distance from every spot to its
-      nearest sample, both in units of the section's size (worse coverage is penalised).
+    - ``'scrl'``: SCR²-ST's single-cell-guided reinforcement learning
+      (:class:`~stimg.models.SCRLSampler`; options ``reference``, ``prior``, ``weights``,
+      ``n_rounds``, ``n_rollouts``, ``lr``, ``start``, ``state``, ...);
+    - ``'kmeans'``: the spot nearest each of ``budget`` k-means centroids of the image embedding;
+    - ``'uncertainty'``: MC-dropout uncertainty of an MLP trained on the revealed spots, over rounds;
+    - ``'diversity'``: PCA-128, DBSCAN (k-means fallback), uniform per cluster;
+    - ``'grid'``: a spatially uniform lattice per section (coordinates only);
+    - ``'random'``.
 
-    Expression is read only for spots already chosen; labels of candidates not yet revealed
-    are estimated from their nearest revealed spot in image space. The policy is updated by
-    REINFORCE on the log-probability of each candidate batch (running-mean baseline,
-    normalised rewards) and the best candidate is taken. Without a reference, ``R_sc`` and
-    ``R_type`` use k-means clusters of the revealed spots' own log1p expression.
-
-    **Baselines**: ``'random'``; ``'uncertainty'`` (MC-dropout ``p = 0.1``, ``T = 20`` on an MLP
-    trained on the revealed spots, over ``n_rounds`` rounds); ``'diversity'`` (PCA-128, DBSCAN,
-    k-means fallback with ``≥ √N/5`` clusters, uniform per cluster); ``'grid'`` (a spatially
-    uniform lattice per section); ``'kmeans'`` (the spot nearest each of ``budget`` k-means
-    centroids of the image embedding).
+    **Modes.** ``'simulate'`` (benchmarking): every spot's expression is in the table but a sampler
+    reads it only for spots it has chosen. ``'propose'`` (a lab's workflow): ``sampled_key`` marks
+    the spots measured so far (their raw counts in ``X``/``layer``; other spots' values are never
+    read); the next batch is proposed. With nothing measured yet (``sampled_key=None``), round 0 is
+    an image-only first batch. Each call is one lab round: ``.obs['si_sample_round']`` records it.
 
     Parameters
     ----------
     %(data)s
     budget
-        Fraction of the table's spots (``0 < budget ≤ 1``) or a number of spots. In propose
-        mode, the number of *new* spots.
+        Fraction of the table's spots (``0 < budget ≤ 1``) or a number of spots; the number of
+        *new* spots in propose mode.
     method
-        ``'scrl'``, ``'random'``, ``'uncertainty'``, ``'diversity'``, ``'grid'`` or ``'kmeans'``.
+        Sampler name, sampler object (with ``select(ctx)``) or function ``f(ctx) -> indices``.
     mode
-        ``'simulate'``: all expression is in the table but is read only once a spot is chosen
-        (benchmarking). ``'propose'``: ``sampled_key`` marks spots already measured (their
-        expression in ``X``/``layer``); the next batch is returned.
+        ``'simulate'`` or ``'propose'``.
     embedding_key
-        ``.obsm`` key of image embeddings (policy input). ``None``: the first ``X_*`` key that
-        is not a known expression embedding, else computed with ``si.pp.embed``.
+        ``.obsm`` key of image embeddings. ``None``: the first ``X_*`` key that is not a known
+        expression embedding, else computed with ``si.pp.embed`` — only if the sampler uses it
+        (``'random'`` and ``'grid'`` do not).
     %(table_key)s
     %(library_key)s
     spatial_key
         ``.obsm`` key of spot coordinates.
     layer
         Layer with raw counts; ``None`` uses ``X``.
-    reference
-        Single-cell reference AnnData with raw counts (e.g. :func:`stimg.datasets.her2st_sc_reference`).
-    cell_type_key
-        Column of ``reference.obs`` with cell types.
-    encoder
-        Gene encoder for spots and cells: ``'scvi'``, ``'pca'``, a
-        :class:`~stimg.models.GeneEncoder` or a callable ``adata -> array``.
-    prior
-        A fitted :class:`~stimg.models.SingleCellPrior` (reused across calls instead of ``reference``).
     sampled_key
-        Propose mode: boolean ``.obs`` column of spots already measured.
-    n_rounds
-        Rounds (SCRL and uncertainty; paper: 20).
-    n_rollouts
-        Candidate batches scored per SCRL round.
-    weights
-        ``(w_sc, w_type, w_spa)`` or a dict with keys ``'sc'``, ``'type'``, ``'spa'``. The paper's
-        ``(20, 5, 0.05)`` used raw pixel distances; here distances are in tissue units, so the
-        default ``w_spa = 10`` gives the spatial term a weight comparable to the others.
-    n_clusters
-        Cell-state clusters ``C``.
-    lr
-        Policy learning rate (Adam).
+        Propose mode: boolean ``.obs`` column of spots already measured (``None``: none yet).
     seed
         Random seed (``None``: :attr:`stimg.settings.seed`).
     %(progress)s
     key_added
         ``.obs`` column for the sampled mask; rounds go to ``'si_sample_round'`` (or
-        ``f'{key_added}_round'``) and parameters and per-round rewards to ``.uns[key_added]``.
+        ``f'{key_added}_round'``), parameters and per-round records to ``.uns[key_added]``.
     %(inplace)s
+    **method_kwargs
+        Options of the sampler (e.g. ``reference=``, ``n_rounds=`` for ``'scrl'``).
 
     Returns
     -------
-    With ``inplace=False`` a DataFrame indexed like ``.obs`` with the two columns (per-round
-    rewards in ``.attrs['rounds']``); otherwise ``None`` and the table gets
+    With ``inplace=False`` a DataFrame indexed like ``.obs`` with the two columns (per-round records
+    in ``.attrs['rounds']``); otherwise ``None`` and the table gets
 
     - ``.obs[key_added]``: bool, spot sampled (including, in propose mode, those measured before),
-    - ``.obs['si_sample_round']``: int round of selection, ``-1`` for unsampled spots,
-    - ``.uns[key_added]``: ``{'params': …, 'rounds': DataFrame}`` (per-round ``R_sc``, ``R_type``,
-      ``R_spa``, total reward, gain; SCRL only for rewards).
+    - ``.obs['si_sample_round']``: int round (simulate: the sampler's internal round; propose: the
+      lab round of each call), ``-1`` for unsampled spots,
+    - ``.uns[key_added]``: ``{'params': …, 'rounds': DataFrame, 'history': DataFrame}`` (per-round
+      rewards for SCRL; one history row per call, appended across propose rounds).
 
     Examples
     --------
@@ -255,17 +213,26 @@ def active_sample(
     >>> int(adata.obs["si_sampled"].sum())
     30
     >>> si.tl.active_sample(adata, 0.1, method="grid", key_added="grid")  # a baseline
+
+    A lab's rounds: propose from the image alone, sequence, propose again.
+
+    >>> si.tl.active_sample(adata, 20, method="kmeans", mode="propose", key_added="plan")
+    >>> # ... sequence the spots of obs["plan"], put their counts in X ...
+    >>> si.tl.active_sample(adata, 20, method="kmeans", mode="propose", sampled_key="plan", key_added="plan")
+    >>> int(adata.obs["plan_round"].max())
+    1
     """
     start = time.perf_counter()
     from .._settings import settings
+    from ..models._sampling._base import SamplingContext, make_sampler, sampler_params
+    from ..models._sampling._rewards import normalise_coordinates
 
     seed = settings.seed if seed is None else int(seed)
-    if method not in METHODS:
-        msg = f"Unknown method {method!r}; choose one of {METHODS}."
-        raise ValueError(msg)
     if mode not in ("simulate", "propose"):
         msg = f"mode must be 'simulate' or 'propose', got {mode!r}."
         raise ValueError(msg)
+    sampler = make_sampler(method, method_kwargs)
+    label = repr(method) if isinstance(method, str) else type(sampler).__name__
     table = get_table(data, table_key)
     n = table.n_obs
     if n == 0:
@@ -274,171 +241,73 @@ def active_sample(
     assert_key_in(table.obsm, spatial_key, where="table.obsm", hint="Spot coordinates are needed (read with si.io).")
     xy_raw = check_matrix(np.asarray(table.obsm[spatial_key])[:, :2], f"obsm[{spatial_key!r}]", n_obs=n)
     _, lib = library_column(table, library_key)
-    groups = pd.Categorical(lib.to_numpy()).codes.astype(np.int64)
+    cats = pd.Categorical(lib.astype(str).to_numpy())
+    groups = cats.codes.astype(np.int64)
     x_counts = _counts(table, layer)
-    # already measured spots (propose mode)
-    measured = np.zeros(n, dtype=bool)
-    if mode == "propose":
-        if sampled_key is None:
-            msg = "mode='propose' needs sampled_key=: a boolean .obs column marking spots already measured."
-            raise ValueError(msg)
-        assert_key_in(table.obs, sampled_key, where="table.obs")
-        col = table.obs[sampled_key]
-        if col.isna().any():
-            msg = f"obs[{sampled_key!r}] has NaN; mark every spot True (measured) or False."
-            raise ValueError(msg)
-        measured = col.to_numpy().astype(bool)
-        if not measured.any():
-            msg = f"obs[{sampled_key!r}] marks no spot as measured; use mode='simulate' or sample a first batch."
-            raise ValueError(msg)
-        check_matrix(x_counts[np.flatnonzero(measured)], "expression of the measured spots")
-    elif sampled_key is not None:
-        msg = "sampled_key= is only used with mode='propose'."
-        raise ValueError(msg)
+    measured = _measured(table, mode, sampled_key)
     n_free = int((~measured).sum())
     b = _resolve_budget(budget, n, n_free)
     round_key = _round_key(key_added)
-    emb_key, emb, computed = _image_embedding(data, table, embedding_key)
-    emb = check_matrix(emb, f"obsm[{emb_key!r}]", n_obs=n)
-    if method == "scrl" and mode == "simulate":
-        check_matrix(x_counts, "expression (X or layer)" if layer is None else f"layers[{layer!r}]")
+    if embedding_key is not None:  # named explicitly: check it now
+        assert_key_in(table.obsm, embedding_key, where="table.obsm", hint="Compute image embeddings with si.pp.embed.")
+    computed: dict[str, np.ndarray] = {}
 
-    from ..models._sampling import _baselines as bl
-    from ..models._sampling._rewards import normalise_coordinates
+    def get_embedding() -> tuple[str, np.ndarray]:
+        key, emb, was_computed = _image_embedding(data, table, embedding_key)
+        emb = check_matrix(emb, f"obsm[{key!r}]", n_obs=n)
+        if was_computed:
+            computed[key] = emb
+        return key, emb
 
-    rng = np.random.default_rng(seed)
-    xy = normalise_coordinates(xy_raw, groups)
-    exclude = np.flatnonzero(measured)
-    records: list[dict] = []
-    prior_info: dict[str, Any] = {}
+    ctx = SamplingContext(n_obs=n, budget=b, rng=np.random.default_rng(seed), seed=seed, mode=mode,
+                          measured=measured, coordinates=normalise_coordinates(xy_raw, groups), groups=groups,
+                          sections=[str(c) for c in cats.categories], var_names=table.var_names, progress=progress,
+                          _embedding=get_embedding, _counts=x_counts)
     if b == n_free:
         rounds = [np.flatnonzero(~measured)]
-    elif method == "random":
-        rounds = [bl.random_select(n, b, rng, exclude=exclude)]
-    elif method == "grid":
-        rounds = [bl.grid_select(xy, groups, b, rng, exclude=exclude)]
-    elif method == "kmeans":
-        rounds = [bl.kmeans_select(emb, b, rng, exclude=exclude)]
-    elif method == "diversity":
-        rounds = [bl.diversity_select(emb, b, rng, exclude=exclude)]
-    elif method == "uncertainty":
-        def targets(idx, x=x_counts):
-            y = _log1p_rows(x, idx)
-            return y[:, np.argsort(-y.var(0))[:300]] if y.shape[1] > 300 else y
-
-        rounds = bl.uncertainty_select(emb, targets, b, rng, exclude=exclude,
-                                       n_rounds=1 if mode == "propose" else n_rounds)
     else:
-        rounds, records, prior_info = _scrl(table, emb, xy, groups, b, measured, x_counts, layer=layer, mode=mode,
-                                            reference=reference, cell_type_key=cell_type_key, encoder=encoder,
-                                            prior=prior, n_rounds=n_rounds, n_rollouts=n_rollouts,
-                                            weights=weights, n_clusters=n_clusters, lr=lr, seed=seed,
-                                            progress=progress)
-    # assemble, check, then write
+        rounds = _check_selection(sampler.select(ctx), n, measured, b, label)
+    # assemble, then write
     sampled = measured.copy()
     rnd = np.full(n, -1, dtype=np.int64)
     if mode == "propose":
-        prev = table.obs[round_key].to_numpy() if round_key in table.obs else None
-        rnd[measured] = prev[measured].astype(np.int64) if prev is not None else 0
-        offset = int(rnd[measured].max()) + 1
+        prev = (pd.to_numeric(table.obs[round_key], errors="coerce").fillna(-1).to_numpy(np.int64)
+                if round_key in table.obs else np.full(n, -1, np.int64))
+        rnd[measured] = np.maximum(prev[measured], 0)
+        lab_round = int(rnd[measured].max()) + 1 if measured.any() else 0
+        for idx in rounds:
+            rnd[idx] = lab_round
+            sampled[idx] = True
     else:
-        offset = 0
-    for r, idx in enumerate(rounds):
-        if sampled[idx].any():
-            msg = "internal error: a spot was selected twice."
-            raise RuntimeError(msg)
-        sampled[idx] = True
-        rnd[idx] = (offset if mode == "propose" and method != "scrl" else offset + r)
-    if mode == "propose" and method == "scrl":  # one user-facing batch
-        rnd[sampled & ~measured] = offset
-    n_new = int((sampled & ~measured).sum())
-    if n_new != b:
-        msg = f"internal error: selected {n_new} spots for a budget of {b}."
-        raise RuntimeError(msg)
+        lab_round = 0
+        for r, idx in enumerate(rounds):
+            rnd[idx] = r
+            sampled[idx] = True
     out = pd.DataFrame({key_added: sampled, round_key: rnd}, index=table.obs_names)
-    rounds_df = pd.DataFrame(records)
+    rounds_df = pd.DataFrame(ctx.records)
     out.attrs["rounds"] = rounds_df
-    params = {"method": method, "mode": mode, "budget": b, "budget_arg": float(budget),
-              "embedding_key": emb_key, "n_rounds": int(n_rounds), "seed": seed, "layer": layer,
-              "library_key": library_key or "", "sampled_key": sampled_key or "", **prior_info}
-    if method == "scrl":
-        params.update({"n_rollouts": int(n_rollouts), "lr": float(lr), "n_clusters": int(n_clusters),
-                       "weights": _weights(weights).as_dict()})
-    logger.info("active_sample[%s/%s]: %d new spots (%d sampled of %d)", method, mode, n_new, int(sampled.sum()), n)
+    method_name = method if isinstance(method, str) else type(sampler).__name__
+    params = {"method": method_name, "mode": mode, "budget": b, "budget_arg": float(budget),
+              "embedding_key": ctx.embedding_key or "", "seed": seed, "layer": layer or "",
+              "library_key": library_key or "", "sampled_key": sampled_key or "",
+              "sampler": sampler_params(sampler), **ctx.info}
+    history = pd.DataFrame([{"round": lab_round, "method": method_name, "mode": mode, "n_new": b,
+                             "n_measured_before": int(measured.sum()), "n_sampled": int(sampled.sum()),
+                             "seed": seed}])
+    prev_uns = table.uns.get(key_added)
+    if mode == "propose" and isinstance(prev_uns, dict) and isinstance(prev_uns.get("history"), pd.DataFrame):
+        history = pd.concat([prev_uns["history"], history], ignore_index=True)
+    logger.info("active_sample[%s/%s]: %d new spots (%d sampled of %d)", method_name, mode, b, int(sampled.sum()), n)
     if not inplace:
+        out.attrs["history"] = history
         return out
-    if computed:
-        table.obsm[emb_key] = emb.astype(np.float32)
-        log_added("obsm", emb_key)
+    for key, emb in computed.items():
+        table.obsm[key] = emb.astype(np.float32)
+        log_added("obsm", key)
     table.obs[key_added] = sampled
     table.obs[round_key] = rnd
-    table.uns[key_added] = {"params": params, "rounds": rounds_df}
+    table.uns[key_added] = {"params": params, "rounds": rounds_df, "history": history}
     log_added("obs", key_added, start)
     log_added("obs", round_key)
     log_added("uns", key_added)
     return None
-
-
-def _scrl(table, emb, xy, groups, b, measured, x_counts, *, layer, mode, reference, cell_type_key, encoder, prior,
-          n_rounds, n_rollouts, weights, n_clusters, lr, seed, progress):
-    from ..models._sampling._policy import SamplingPolicy
-    from ..models._sampling._scrl import Labeler, _surrogate, run_scrl
-
-    w = _weights(weights)
-    if prior is None and reference is not None:
-        from ..models._sc_prior import SingleCellPrior
-
-        prior = SingleCellPrior(reference, cell_type_key, encoder=encoder, n_clusters=n_clusters, seed=seed)
-        prior.fit(table.var_names)
-    x_pol = _policy_input(emb, 64, seed)
-    measured_idx = np.flatnonzero(measured)
-    info: dict[str, Any] = {}
-    if prior is not None:
-        info.update({"reward_source": "single-cell reference", "n_centroids": prior.n_centroids,
-                     "n_types": prior.n_types, "encoder": type(prior.encoder).__name__})
-        n_cl, n_ty = prior.n_centroids, prior.n_types
-        if mode == "simulate":
-            cl_all, ty_all = prior.label(prior.embed(table, layer))
-
-            def reveal(idx):
-                return cl_all[idx], ty_all[idx]
-
-            labeler = Labeler(reveal, n_cl, n_ty)
-            init_labels = None
-        else:
-            sub = table[measured_idx]
-            cl_m, ty_m = prior.label(prior.embed(sub, layer))
-            init_labels = (cl_m, ty_m)
-    else:
-        logger.info("no single-cell reference: the biological reward uses k-means clusters of the sampled "
-                    "spots' own expression (PCA of log1p counts)")
-        info["reward_source"] = "own expression clusters"
-        fb = _FallbackClusters(x_counts, n_clusters, seed)
-        n_cl = n_ty = fb.n_clusters
-        if mode == "simulate":
-            labeler = Labeler(lambda idx: (None, None), n_cl, n_ty, recluster=fb)
-            init_labels = None
-        else:
-            init_labels = fb(measured_idx)
-    if mode == "propose":  # labels of new picks are estimates from the nearest measured spot
-        feat = x_pol[:, :10]
-        cl_m, ty_m = init_labels
-
-        def reveal(idx):
-            return (_surrogate(feat, measured_idx, cl_m, idx), _surrogate(feat, measured_idx, ty_m, idx))
-
-        labeler = Labeler(reveal, n_cl, n_ty)
-    policy = SamplingPolicy(x_pol.shape[1], 128, lr=lr, seed=seed)
-
-    def iterate(it, total):
-        return progress_bar(it, desc="SCRL rounds", total=total, progress=progress)
-
-    from ..models._sampling._baselines import torch_threads
-
-    with torch_threads(len(x_pol)):
-        rounds, records = run_scrl(x_pol, xy, groups, b, labeler, policy=policy, n_rounds=n_rounds,
-                                   n_rollouts=n_rollouts, weights=w,
-                                   initial=measured_idx if mode == "propose" else None,
-                                   initial_labels=init_labels, random_first=mode == "simulate", seed=seed,
-                                   iterate=iterate)
-    return rounds, records, info

@@ -20,10 +20,25 @@ from ..._settings import settings
 from ..._spatial import get_table
 from ..._utils import progress_bar, resolve_device
 from .._base import ModelIO, check_trained, resolve_train_indices, train_defaults
+from ._conformal import (
+    ConformalCalibration,
+    coverage_scores,
+    cross_conformal,
+    resolve_calibrated,
+    training_groups,
+)
 from ._data import resolve_genes, target_counts
 from ._finetune_module import FinetuneModule
 from ._finetune_plan import FinetuneTrainingPlan, PatchCounts
-from ._model import _check_level, _check_scale, _interval, _moments
+from ._model import (
+    _check_level,
+    _check_scale,
+    _get_calibration,
+    _interval,
+    _jsonable,
+    _moments,
+    _put_calibration,
+)
 from ._module import NBModule
 from ._training import quiet_lightning, restore_best, split_train_validation
 
@@ -143,6 +158,9 @@ class NBFinetuner(ModelIO):
         self._attach(data, counts=counts)
         self.is_trained_ = False
         self.history_: pd.DataFrame | None = None
+        self._pretrained = bool(pretrained)
+        self._train_kwargs: dict[str, Any] = {}
+        self.calibration_: ConformalCalibration | None = None
         logger.info("NBFinetuner: %s (%d features) → %d genes on %d spots, %g µm patches at %d px",
                     self.net.encoder.name, self.net.encoder.dim, len(self.genes_), table.n_obs, patch_um,
                     self.init_params_["patch_px"])
@@ -169,9 +187,10 @@ class NBFinetuner(ModelIO):
         """Patches and counts of the training data (``data=None``: a loaded model that only predicts)."""
         from ...pp import extract_patches
 
-        self._patches = self._counts = self._table = None
+        self._patches = self._counts = self._table = self._data = None
         if data is None:
             return
+        self._data = data  # for cross-conformal calibration folds
         p = self.init_params_
         table = get_table(data, p["table_key"])
         if counts is None:
@@ -279,6 +298,13 @@ class NBFinetuner(ModelIO):
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping
 
+        recorded = {"max_epochs": max_epochs, "accelerator": accelerator, "devices": devices, "seed": seed,
+                    "batch_size": batch_size, "lr": lr, "backbone_lr": backbone_lr,
+                    "freeze_backbone_epochs": freeze_backbone_epochs, "validation_size": validation_size,
+                    "precision": precision, "early_stopping": early_stopping,
+                    "early_stopping_patience": early_stopping_patience, "weight_decay": weight_decay,
+                    "augment": augment, "num_workers": num_workers,
+                    **{k: v for k, v in trainer_kwargs.items() if k != "callbacks"}}
         defaults = train_defaults(accelerator, devices, self.seed_ if seed is None else seed)
         seed, accelerator, devices = defaults.seed, defaults.accelerator, defaults.devices
         max_epochs = _DEFAULT_EPOCHS if max_epochs is None else int(max_epochs)
@@ -327,6 +353,8 @@ class NBFinetuner(ModelIO):
         self._refresh_cache_key()
         self.history_ = pd.DataFrame(plan.history)
         self.train_indices_, self.validation_indices_ = tr, val
+        self._train_kwargs = recorded
+        self.calibration_ = None
         self.is_trained_ = True
         if best is not None and best.state is not None:
             logger.info("NBFinetuner: %d epochs, best validation NLL %.4g", len(plan.history), best.best)
@@ -433,16 +461,106 @@ class NBFinetuner(ModelIO):
         mean, var = _moments(r, b, scale)
         return ExpressionPrediction(mean=mean, var_names=list(self.genes_), scale=scale, aleatoric=var)
 
-    def predict_interval(self, data: Any, level: float = 0.9, **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Central predictive interval of the counts: NB quantiles ``(1 ± level)/2``.
+    def predict_interval(self, data: Any, level: float = 0.9, *, calibrated: bool | None = None,
+                         **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Central predictive interval of the counts (NB quantiles; conformally calibrated after :meth:`calibrate`).
+
+        Parameters
+        ----------
+        data
+            SpatialData or AnnData with the images.
+        level
+            Nominal coverage in (0, 1).
+        calibrated
+            ``None``: calibrated when :meth:`calibrate` has run; ``True``: require it; ``False``:
+            the raw NB quantiles ``(1 ± level)/2``.
+        **kwargs
+            Passed to :meth:`get_nb_params`.
+
+        Returns
+        -------
+        ``(lower, upper)`` counts, each ``(n_obs, n_genes)``.
 
         Examples
         --------
         >>> lo, hi = m.predict_interval(sdata, level=0.9)  # doctest: +SKIP
         """
         _check_level(level)
+        cal = resolve_calibrated(self, calibrated)
         r, b = self.get_nb_params(data, **kwargs)
-        return _interval(r[None], b[None], level)
+        return _interval(r[None], b[None], level, cal)
+
+    def _rows_nb_params(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """NB parameters of training-table rows, read from the training patches."""
+        item_of_row = np.empty(len(self._counts), dtype=int)
+        item_of_row[self._patches.obs_index] = np.arange(len(self._patches))
+        kw = self._train_kwargs
+        rb = self._features(PatchCounts(self._patches, None, item_of_row[rows]), int(kw.get("batch_size") or 32),
+                            resolve_device(kw.get("accelerator")), 0, "nb")
+        g = len(self.genes_)
+        return rb[:, :g], rb[:, g:]
+
+    def calibrate(self, groups: str | Sequence | np.ndarray | None = "library_id", *,
+                  calibration_indices: Sequence[int] | np.ndarray | str | None = None, per_gene: bool = False,
+                  progress: bool | None = None) -> NBFinetuner:
+        """Conformally calibrate :meth:`predict_interval` (see :meth:`NBRegressor.calibrate <stimg.models.NBRegressor.calibrate>`).
+
+        Split-conformal on ``calibration_indices`` (training-table spots held out of training) is
+        cheap; cross-conformal over ``groups`` fine-tunes one encoder per training section. The
+        calibration is saved with the model.
+
+        Parameters
+        ----------
+        groups
+            ``.obs`` column (or one label per spot) of the training sections left out in turn.
+        calibration_indices
+            Spots not used in training: split-conformal instead (no retraining).
+        per_gene
+            One calibrated level per gene instead of one level shared by all genes (the default, which
+            held nominal coverage across patients in benchmarks/conformal_her2st.py).
+        progress
+            Progress bar over the folds.
+
+        Returns
+        -------
+        The model, with ``calibration_`` set.
+
+        Examples
+        --------
+        >>> m.train(train_indices=train)  # doctest: +SKIP
+        >>> m.calibrate(calibration_indices=held_out)  # doctest: +SKIP
+        """
+        check_trained(self, "calibrate")
+        if self._patches is None or self.train_indices_ is None:
+            msg = "calibration needs the training data; load the model with it: NBFinetuner.load(path, data)."
+            raise RuntimeError(msg)
+        val = self.validation_indices_ if self.validation_indices_ is not None else np.zeros(0, np.int64)
+        used = np.sort(np.r_[self.train_indices_, val]).astype(np.int64)
+        if calibration_indices is not None:
+            held = resolve_train_indices(self._table, calibration_indices, name="calibration_indices")
+            if (seen := np.intersect1d(held, used)).size:
+                msg = (f"{seen.size} calibration spots were used in training; pass spots held out of training "
+                       "(train with train_indices= excluding them).")
+                raise ValueError(msg)
+            r, b = self._rows_nb_params(held)
+            self.calibration_ = ConformalCalibration.from_scores(coverage_scores(r, b, self._counts[held]),
+                                                                 method="split", per_gene=per_gene)
+            return self
+        p = dict(self.init_params_)
+        if p["encoder"] is None:
+            msg = ("cross-conformal calibration re-trains the model and needs an encoder name; with a custom module "
+                   "pass calibration_indices= (split-conformal) instead.")
+            raise ValueError(msg)
+        labels = training_groups(self._table, groups, used)
+
+        def fit_params(fit, held):
+            m = type(self)(self._data, pretrained=self._pretrained, target_key=None, **p)
+            m.train(**{**self._train_kwargs, "train_indices": fit, "progress": False})
+            return m._rows_nb_params(held)
+
+        self.calibration_ = cross_conformal(fit_params, lambda rows: self._counts[rows], used, labels,
+                                            per_gene=per_gene, progress=progress)
+        return self
 
     def get_embedding(self, data: Any, *, table_key: str | None = None, batch_size: int = 64,
                       accelerator: str | None = "auto", num_workers: int = 0) -> np.ndarray:
@@ -461,8 +579,10 @@ class NBFinetuner(ModelIO):
     # ------------------------------------------------------------------ persistence
     def _get_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         header = {"init_params": self.init_params_, "encoder_name": self.net.encoder.name,
-                  "history": None if self.history_ is None else self.history_.to_dict(orient="list")}
+                  "history": None if self.history_ is None else self.history_.to_dict(orient="list"),
+                  "train_kwargs": _jsonable(self._train_kwargs), "pretrained": self._pretrained}
         tensors = {f"net.{k}": v for k, v in self.net.state_dict().items()}
+        _put_calibration(self.calibration_, header, tensors)
         for name in ("train_indices_", "validation_indices_"):
             if getattr(self, name, None) is not None:
                 tensors[name] = np.asarray(getattr(self, name), dtype=np.int64)
@@ -484,6 +604,9 @@ class NBFinetuner(ModelIO):
         obj.net.eval()
         obj._refresh_cache_key()
         obj.is_trained_ = True
+        obj._pretrained = bool(header.get("pretrained", True))
+        obj._train_kwargs = dict(header.get("train_kwargs") or {})
+        obj.calibration_ = _get_calibration(header, tensors)
         obj.history_ = None if header.get("history") is None else pd.DataFrame(header["history"])
         obj.train_indices_ = tensors["train_indices_"].numpy() if "train_indices_" in tensors else None
         obj.validation_indices_ = (tensors["validation_indices_"].numpy() if "validation_indices_" in tensors

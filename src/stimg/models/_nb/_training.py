@@ -82,6 +82,8 @@ def quiet_lightning() -> Iterator[None]:
             warnings.filterwarnings("ignore", category=PossibleUserWarning)
             warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers).*")
             warnings.filterwarnings("ignore", message=".*treespec.*")
+            # scvi's note on a small last minibatch: harmless for the NB head (LayerNorm, no BatchNorm)
+            warnings.filterwarnings("ignore", message=".*Last batch will have a small size.*")
             yield
     finally:
         for lg, lv in zip(loggers, old, strict=True):

@@ -1,30 +1,19 @@
-"""Baseline selection rules for active sampling: random, grid, k-means, diversity, uncertainty.
+"""Baseline samplers for active sampling: random, grid, k-means, diversity, uncertainty.
 
-Each returns the chosen spot indices (into the candidate arrays) in selection order, never
-one of ``exclude``; only :func:`uncertainty_select` needs torch (imported lazily).
+The selection rules (``*_select``) return the chosen spot indices in selection order, never one of
+``exclude``; the sampler classes wrap them in the one :class:`~stimg.tl.Sampler` signature
+``select(ctx)``. Only the uncertainty sampler needs torch (imported lazily).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-
-@contextmanager
-def torch_threads(n_obs: int, *, small: int = 50_000) -> Iterator[None]:
-    """Run tiny torch models single-threaded (thread start-up dominates and cores are often shared)."""
-    import torch
-
-    old = torch.get_num_threads()
-    if n_obs < small:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+from ..._utils import torch_threads
 
 
 def _free(n: int, exclude: np.ndarray | None) -> np.ndarray:
@@ -235,9 +224,6 @@ def uncertainty_select(emb: np.ndarray, targets: Callable[[np.ndarray], np.ndarr
 
 def _uncertainty_round(r, k, taken, revealed, rounds, x, xt, targets, rng, dropout, n_passes, n_hidden, epochs,
                        on_round) -> None:
-    import torch
-    from torch import nn
-
     free = np.flatnonzero(~taken)
     k = min(k, free.size)
     if k == 0:
@@ -246,24 +232,8 @@ def _uncertainty_round(r, k, taken, revealed, rounds, x, xt, targets, rng, dropo
         pick = rng.choice(free, size=k, replace=False)
     else:
         idx = np.asarray(revealed, dtype=np.int64)
-        y = torch.as_tensor(np.asarray(targets(idx), dtype=np.float32))
-        mu, sd = y.mean(0), y.std(0).clamp_min(1e-3)
-        net = nn.Sequential(nn.Linear(x.shape[1], n_hidden), nn.ReLU(), nn.Dropout(dropout),
-                            nn.Linear(n_hidden, y.shape[1]))
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
-        yy, xx = (y - mu) / sd, xt[idx]
-        net.train()
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = ((net(xx) - yy) ** 2).mean()
-            loss.backward()
-            opt.step()
-        with torch.no_grad():  # dropout stays on (train mode) for MC sampling
-            score = np.zeros(free.size)
-            for start in range(0, free.size, 65536):
-                xb = xt[free[start:start + 65536]]
-                preds = torch.stack([net(xb) for _ in range(n_passes)])
-                score[start:start + len(xb)] = preds.var(0).mean(1).numpy()
+        score = mc_dropout_variance(xt, idx, np.asarray(targets(idx), dtype=np.float32), free, dropout=dropout,
+                                    n_passes=n_passes, n_hidden=n_hidden, epochs=epochs)
         pick = free[np.argsort(-score, kind="stable")[:k]]
     taken[pick] = True
     revealed.extend(int(i) for i in pick)
@@ -272,7 +242,169 @@ def _uncertainty_round(r, k, taken, revealed, rounds, x, xt, targets, rng, dropo
         on_round(r, pick)
 
 
+def mc_dropout_variance(xt, train: np.ndarray, y: np.ndarray, query: np.ndarray, *, dropout: float = 0.1,
+                        n_passes: int = 20, n_hidden: int = 256, epochs: int = 100) -> np.ndarray:
+    """Mean per-gene MC-dropout variance at ``query`` of an MLP trained on ``(xt[train], y)``.
+
+    ``xt``: torch tensor of standardised features of all spots; ``y``: targets of ``train``
+    (standardised per gene here). Seed torch before calling for reproducibility.
+    """
+    import torch
+    from torch import nn
+
+    y = torch.as_tensor(y)
+    mu, sd = y.mean(0), y.std(0).clamp_min(1e-3)
+    net = nn.Sequential(nn.Linear(xt.shape[1], n_hidden), nn.ReLU(), nn.Dropout(dropout),
+                        nn.Linear(n_hidden, y.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    yy, xx = (y - mu) / sd, xt[np.asarray(train, dtype=np.int64)]
+    net.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = ((net(xx) - yy) ** 2).mean()
+        loss.backward()
+        opt.step()
+    query = np.asarray(query, dtype=np.int64)
+    score = np.zeros(query.size)
+    with torch.no_grad():  # dropout stays on (train mode) for MC sampling
+        for start in range(0, query.size, 65536):
+            xb = xt[query[start:start + 65536]]
+            preds = torch.stack([net(xb) for _ in range(n_passes)])
+            score[start:start + len(xb)] = preds.var(0).mean(1).numpy()
+    return score
+
 
 def _round_sizes(budget: int, n_rounds: int) -> list[int]:
     n_rounds = max(1, min(int(n_rounds), int(budget))) if budget > 0 else 1
     return [len(a) for a in np.array_split(np.arange(budget), n_rounds)]
+
+
+def check_count(value: Any, name: str, *, low: int = 1) -> int:
+    """An integer option ``≥ low``, or a ValueError that names it and the fix."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < low:
+        msg = f"{name} must be an integer ≥ {low}, got {value!r}."
+        raise ValueError(msg)
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- samplers
+class RandomSampler:
+    """Uniformly at random (the reference point of every comparison)."""
+
+    def select(self, ctx) -> np.ndarray:
+        return random_select(ctx.n_obs, ctx.budget, ctx.rng, exclude=np.flatnonzero(ctx.measured))
+
+
+class GridSampler:
+    """A spatially uniform lattice per section, sized to its share of the budget (coordinates only).
+
+    See :func:`grid_select`.
+    """
+
+    def select(self, ctx) -> np.ndarray:
+        return grid_select(ctx.coordinates, ctx.groups, ctx.budget, ctx.rng, exclude=np.flatnonzero(ctx.measured))
+
+
+class KMeansSampler:
+    """The spot nearest each of ``budget`` k-means centroids of the standardised image embedding.
+
+    Parameters
+    ----------
+    n_comps
+        PCA components of the standardised embedding before k-means.
+    """
+
+    def __init__(self, *, n_comps: int = 50) -> None:
+        self.n_comps = check_count(n_comps, "n_comps")
+
+    def select(self, ctx) -> np.ndarray:
+        return kmeans_select(ctx.embedding, ctx.budget, ctx.rng, exclude=np.flatnonzero(ctx.measured),
+                             n_comps=self.n_comps)
+
+
+class DiversitySampler:
+    """Zhdanov (2019) diversity sampling, as in SCR²-ST (:func:`diversity_select`).
+
+    Parameters
+    ----------
+    n_comps
+        PCA components of the standardised embedding.
+    """
+
+    def __init__(self, *, n_comps: int = 128) -> None:
+        self.n_comps = check_count(n_comps, "n_comps")
+
+    def select(self, ctx) -> np.ndarray:
+        return diversity_select(ctx.embedding, ctx.budget, ctx.rng, exclude=np.flatnonzero(ctx.measured),
+                                n_comps=self.n_comps)
+
+
+class UncertaintySampler:
+    """MC-dropout uncertainty sampling (Safaei et al. 2024, as in SCR²-ST; :func:`uncertainty_select`).
+
+    In simulate mode the budget is spent over ``n_rounds`` rounds, each revealing its spots; the
+    first round is ``start``. In propose mode one batch is scored from the spots measured so far
+    (``start`` when none is measured yet: the lab's first, image-only batch).
+
+    Parameters
+    ----------
+    n_rounds
+        Rounds (simulate mode).
+    start
+        First batch: ``'random'`` (as in the paper) or ``'kmeans'`` (image k-means).
+    n_genes
+        Targets: the top-variance genes (log1p) of the revealed spots.
+    dropout, n_passes, n_hidden, epochs
+        MC-dropout MLP (``p``, ``T``, width, training epochs).
+    """
+
+    def __init__(self, *, n_rounds: int = 20, start: str = "random", n_genes: int = 300, dropout: float = 0.1,
+                 n_passes: int = 20, n_hidden: int = 256, epochs: int = 100) -> None:
+        self.n_rounds = check_count(n_rounds, "n_rounds")
+        self.n_genes = check_count(n_genes, "n_genes")
+        self.n_passes = check_count(n_passes, "n_passes")
+        self.n_hidden = check_count(n_hidden, "n_hidden")
+        self.epochs = check_count(epochs, "epochs")
+        if start not in ("random", "kmeans"):
+            msg = f"start must be 'random' or 'kmeans', got {start!r}."
+            raise ValueError(msg)
+        if not (0.0 < float(dropout) < 1.0):
+            msg = f"dropout must be in (0, 1), got {dropout!r}."
+            raise ValueError(msg)
+        self.start, self.dropout = start, float(dropout)
+
+    def select(self, ctx) -> list[np.ndarray]:
+        measured = np.flatnonzero(ctx.measured)
+        n_rounds = self.n_rounds if ctx.can_reveal else 1
+        sizes = _round_sizes(ctx.budget, n_rounds)
+        rounds: list[np.ndarray] = []
+        if len(measured) < 2:  # nothing to learn from yet: the start batch
+            first = start_batch(self.start, ctx, sizes[0])
+            rounds.append(first)
+            if not ctx.can_reveal:
+                return rounds
+            ctx.reveal(first)
+            sizes = sizes[1:]
+            measured = np.r_[measured, first]
+        if not sizes:
+            return rounds
+
+        def targets(idx):
+            y = np.log1p(ctx.expression(idx))
+            return y[:, np.argsort(-y.var(0))[: self.n_genes]] if y.shape[1] > self.n_genes else y
+
+        done = np.zeros(ctx.n_obs, bool)
+        done[measured] = True
+        rounds += uncertainty_select(ctx.embedding, targets, int(sum(sizes)), ctx.rng, exclude=np.flatnonzero(done),
+                                     n_rounds=len(sizes), dropout=self.dropout, n_passes=self.n_passes,
+                                     n_hidden=self.n_hidden, epochs=self.epochs,
+                                     on_round=(lambda r, pick: ctx.reveal(pick)) if ctx.can_reveal else None)
+        return rounds
+
+
+def start_batch(start: str, ctx, k: int) -> np.ndarray:
+    """An image-only first batch of ``k`` unmeasured spots: ``'random'`` or ``'kmeans'``."""
+    exclude = np.flatnonzero(ctx.measured)
+    if start == "kmeans":
+        return kmeans_select(ctx.embedding, k, ctx.rng, exclude=exclude)
+    return random_select(ctx.n_obs, k, ctx.rng, exclude=exclude)

@@ -133,8 +133,14 @@ class SamplingPolicy(ModelIO, nn.Module):
         return adv
 
     def reinforce(self, emb, available: np.ndarray, draws: list[np.ndarray], rewards: np.ndarray,
-                  *, n_steps: int = 1) -> float:
-        """REINFORCE: ascend ``Σ_m A_m ∇ log π(S_m)`` with advantages from :meth:`normalise`.
+                  *, n_steps: int = 1, baseline: str = "running") -> float:
+        """REINFORCE: ascend ``Σ_m A_m ∇ log π(S_m)``.
+
+        Advantages ``A_m``: with ``baseline='running'``, from :meth:`normalise` (running mean and
+        variance of rewards across updates); with ``baseline='rloo'``, leave-one-out — each draw's
+        reward minus the mean reward of the *other* draws of the same update, divided by the
+        rewards' sd (the draws share one state, so this baseline is unbiased and tracks rewards
+        that shrink as the sample set grows).
 
         Parameters
         ----------
@@ -148,12 +154,23 @@ class SamplingPolicy(ModelIO, nn.Module):
             One reward per draw.
         n_steps
             Gradient steps on this batch.
+        baseline
+            ``'running'`` or ``'rloo'``.
 
         Returns
         -------
         The last loss value.
         """
-        adv = torch.as_tensor(self.normalise(rewards), dtype=torch.float32)
+        if baseline == "rloo":
+            r = np.asarray(rewards, dtype=np.float64)
+            m = r.size
+            adv_np = (r - r.mean()) * m / max(m - 1, 1) / (r.std() + 1e-8) if m > 1 else np.zeros_like(r)
+        elif baseline == "running":
+            adv_np = self.normalise(rewards)
+        else:
+            msg = f"baseline must be 'running' or 'rloo', got {baseline!r}."
+            raise ValueError(msg)
+        adv = torch.as_tensor(adv_np, dtype=torch.float32)
         x = self._tensor(emb)
         avail = torch.as_tensor(np.asarray(available, dtype=bool))
         loss = torch.tensor(0.0)

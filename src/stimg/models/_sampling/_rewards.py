@@ -49,10 +49,10 @@ def type_entropy_reward(type_ids: np.ndarray, n_types: int) -> float:
 
     Examples
     --------
-    >>> round(type_entropy_reward(np.array([0, 1, 2, 3]), 4), 6)
+    >>> round(float(type_entropy_reward(np.array([0, 1, 2, 3]), 4)), 6)
     1.0
-    >>> type_entropy_reward(np.array([1, 1, 1]), 4)
-    0.0
+    >>> bool(type_entropy_reward(np.array([1, 1, 1]), 4) == 0)
+    True
     """
     ids = np.asarray(type_ids)
     ids = ids[ids >= 0]
@@ -158,14 +158,66 @@ def normalise_coordinates(xy: np.ndarray, groups: np.ndarray | None = None, *, g
 
 @dataclass
 class RewardWeights:
-    """``R = w_sc·R_sc + w_type·R_type + w_spa·R_spa`` (Eq. 7)."""
+    """Reward weights: ``R = w_sc·R_sc + w_type·R_type + w_spa·R_spa + w_img·R_img`` (+ ``w_unc·R_unc``).
+
+    Eq. 7 of SCR²-ST plus two terms that are not in the paper: ``img`` (image-feature coverage, :func:`image_coverage_reward`) and ``unc`` (the model's MC-dropout
+    uncertainty at the chosen spots) are not in SCR²-ST; their default weight is 0 here.
+    """
 
     sc: float = 20.0
     type: float = 5.0
     spa: float = 10.0
+    img: float = 0.0
+    unc: float = 0.0
+
+    def __post_init__(self) -> None:
+        for k, v in self.as_dict().items():
+            if not np.isfinite(v) or v < 0:
+                msg = f"reward weight {k!r} must be a finite number ≥ 0, got {v!r}."
+                raise ValueError(msg)
 
     def as_dict(self) -> dict[str, float]:
-        return {"sc": self.sc, "type": self.type, "spa": self.spa}
+        return {"sc": float(self.sc), "type": float(self.type), "spa": float(self.spa), "img": float(self.img),
+                "unc": float(self.unc)}
+
+
+def image_coverage_reward(feat: np.ndarray, sampled: np.ndarray) -> float:
+    """How well the sampled spots cover image-feature space: ``1 − mean_i d_i / mean_i d⁰_i``.
+
+    ``d_i`` is the distance from spot ``i`` to its nearest sampled spot in ``feat`` (capped by
+    ``d⁰_i``, its distance to the mean feature vector, as if the mean were sampled), so the reward
+    is 0 with no sample and 1 when every spot is sampled. The k-medoids objective: the downstream
+    model maps image → expression, so training spots should cover the image space.
+
+    Examples
+    --------
+    >>> f = np.array([[0.0], [0.1], [3.0], [3.1]])
+    >>> image_coverage_reward(f, np.array([0, 1, 2, 3]))
+    1.0
+    >>> image_coverage_reward(f, np.array([0, 2])) > image_coverage_reward(f, np.array([0, 1]))
+    True
+    """
+    feat = np.asarray(feat, dtype=np.float64)
+    idx = np.flatnonzero(sampled) if np.asarray(sampled).dtype == bool else np.asarray(sampled, dtype=np.int64)
+    d0 = np.linalg.norm(feat - feat.mean(0), axis=1)
+    d = np.minimum(d0, nearest_distance(feat, feat[idx])) if len(idx) else d0
+    return float(1.0 - d.mean() / max(d0.mean(), _EPS))
+
+
+def nearest_distance(query: np.ndarray, points: np.ndarray, *, block: int = 1 << 22) -> np.ndarray:
+    """Euclidean distance from each query row to its nearest row of ``points`` (blocked matrix products)."""
+    q = np.asarray(query, dtype=np.float64)
+    p = np.asarray(points, dtype=np.float64)
+    if len(p) == 0:
+        return np.full(len(q), np.inf)
+    pp = (p * p).sum(1)
+    out = np.empty(len(q))
+    step = max(1, block // max(len(p), 1))
+    for i in range(0, len(q), step):
+        qb = q[i:i + step]
+        d2 = (qb * qb).sum(1)[:, None] + pp[None, :] - 2.0 * qb @ p.T
+        out[i:i + step] = np.sqrt(np.maximum(d2.min(1), 0.0))
+    return out
 
 
 @dataclass
@@ -186,8 +238,12 @@ class RewardState:
         Sizes of the biological label spaces (``0`` disables that term).
     weights
         Reward weights.
+    feat
+        ``(n, d)`` image features for ``R_img`` (:func:`image_coverage_reward`); ``None`` disables it.
     cover_sample
         Above this many spots, ``D_cover`` is averaged over a fixed random subset of this size.
+    img_sample
+        Likewise for the image-coverage term ``R_img``.
     pair_sample
         Above this many committed samples in a section, distances from a candidate to them are
         summed over a random subset of this size and scaled up (``D_disp`` estimate).
@@ -200,7 +256,9 @@ class RewardState:
     n_clusters: int
     n_types: int
     weights: RewardWeights = field(default_factory=RewardWeights)
+    feat: np.ndarray | None = None
     cover_sample: int | None = 20_000
+    img_sample: int | None = 5_000
     pair_sample: int | None = 2_000
     seed: int = 0
 
@@ -213,6 +271,16 @@ class RewardState:
         else:
             sub = np.arange(n)
         self._cover_xy = np.asarray(self.xy, dtype=np.float64)[sub]
+        if self.feat is not None:
+            self.feat = np.asarray(self.feat, dtype=np.float64)
+            isub = sub
+            if self.img_sample is not None and len(sub) > self.img_sample:  # 50-d distances cost more
+                isub = np.sort(np.random.default_rng([self.seed, 1]).choice(sub, self.img_sample, replace=False))
+            self._cover_feat = self.feat[isub]
+            self.near_img0 = np.linalg.norm(self._cover_feat - self.feat.mean(0), axis=1)
+            self.near_img = self.near_img0.copy()
+        else:
+            self.near_img0 = self.near_img = np.zeros(0)
         self.groups = np.asarray(self.groups, dtype=np.int64)
         self.n_groups = int(self.groups.max()) + 1 if n else 0
         self.sampled = np.zeros(n, dtype=bool)
@@ -224,20 +292,21 @@ class RewardState:
         self._pair_cache: dict[int, tuple] = {}
 
     # -- components -------------------------------------------------------------------------
-    def _components(self, hit, type_counts, near, pair_sum, count) -> dict[str, float]:
+    def _components(self, hit, type_counts, near, pair_sum, count, near_img) -> dict[str, float]:
         r_sc = float(hit.sum() / self.n_clusters) if self.n_clusters else 0.0
         n_t = type_counts.sum()
         r_type = _entropy(type_counts / n_t) / np.log(self.n_types) if (n_t and self.n_types > 1) else 0.0
         nz = count > 0
         d_disp = float(pair_sum[nz].sum() / (count[nz] ** 2).sum()) if nz.any() else 0.0
         r_spa = 0.5 * (d_disp - float(near.mean() if len(near) else 0.0))
+        r_img = float(1.0 - near_img.mean() / max(self.near_img0.mean(), _EPS)) if len(near_img) else 0.0
         w = self.weights
-        return {"sc": r_sc, "type": float(r_type), "spa": r_spa,
-                "total": w.sc * r_sc + w.type * float(r_type) + w.spa * r_spa}
+        return {"sc": r_sc, "type": float(r_type), "spa": r_spa, "img": r_img,
+                "total": w.sc * r_sc + w.type * float(r_type) + w.spa * r_spa + w.img * r_img}
 
     def current(self) -> dict[str, float]:
         """Reward components of the committed set."""
-        return self._components(self.hit, self.type_counts, self.near, self.pair_sum, self.count)
+        return self._components(self.hit, self.type_counts, self.near, self.pair_sum, self.count, self.near_img)
 
     def _with(self, idx: np.ndarray, clusters: np.ndarray | None, types: np.ndarray | None):
         idx = np.asarray(idx, dtype=np.int64)
@@ -250,6 +319,9 @@ class RewardState:
             t = np.asarray(types)
             tc += np.bincount(t[t >= 0], minlength=len(tc))[: len(tc)]
         near = np.minimum(self.near, cover_distance(self._cover_xy, self.xy[idx])) if len(idx) else self.near
+        near_img = self.near_img
+        if len(idx) and len(near_img):
+            near_img = np.minimum(near_img, nearest_distance(self._cover_feat, self.feat[idx]))
         ps, cnt = self.pair_sum.copy(), self.count.copy()
         gi = self.groups[idx]
         for s in np.unique(gi):
@@ -258,7 +330,7 @@ class RewardState:
             scale = self.count[s] / max(len(old), 1)
             ps[s] += 2.0 * scale * _pair_sum(new, old) + _pair_sum(new, new)
             cnt[s] += len(new)
-        return hit, tc, near, ps, cnt
+        return hit, tc, near, ps, cnt, near_img
 
     def _committed_sample(self, s: int) -> np.ndarray:
         """Committed points of section ``s``, or a fixed random ``pair_sample`` of them (cached per state)."""
@@ -283,7 +355,8 @@ class RewardState:
     def add(self, idx: np.ndarray, clusters: np.ndarray | None = None, types: np.ndarray | None = None) -> None:
         """Commit ``idx`` to the sample set."""
         idx = np.asarray(idx, dtype=np.int64)
-        self.hit, self.type_counts, self.near, self.pair_sum, self.count = self._with(idx, clusters, types)
+        self.hit, self.type_counts, self.near, self.pair_sum, self.count, self.near_img = self._with(idx, clusters,
+                                                                                                   types)
         self.sampled[idx] = True
 
     def relabel(self, clusters: np.ndarray | None, types: np.ndarray | None) -> None:
