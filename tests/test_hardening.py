@@ -265,7 +265,7 @@ CASES = [
          _nb_setup, (ValueError, "gene list .* is empty")),
     Case("empty-predict", "tl.predict_expression", "table with 0 spots", _empty_obs,
          lambda a: si.tl.predict_expression(a, _ridge()), (ValueError, "nothing to predict")),
-    Case("empty-sample", "tl.active_sample", "table with 0 spots", _empty_obs, _active(5), (ValueError, "no spots")),
+    Case("empty-sample", "tl.active_sample", "table with 0 spots", _empty_obs, _active(5), (ValueError, "no spots .*check the filtering")),
     Case("empty-plot", "pl.spatial", "table with 0 spots", _empty_obs,
          lambda a: si.pl.spatial(a), (ValueError, "no spots")),
     Case("empty-metric", "metrics.pearson", "0 spots", lambda: None,
@@ -362,13 +362,13 @@ CASES = [
          (ValueError, "exceeds the 60 spots")),
     Case("budget-all", "tl.active_sample", "budget = pool", _base, _active(60)),
     Case("budget-sim-0", "tl.simulate_sampling", "budgets=[0]", _base,
-         lambda a: si.tl.simulate_sampling(a, ["random"], [0], test="S1", seeds=[0], n_genes=3,
+         lambda a: si.tl.simulate_sampling(a, ["random"], [0], test="S1", seeds=[0], genes=3,
                                            embedding_key="X_synthetic"), (ValueError, "budget must be positive")),
     Case("budget-sim-pool", "tl.simulate_sampling", "budgets=[1000]", _base,
-         lambda a: si.tl.simulate_sampling(a, ["random"], [1000], test="S1", seeds=[0], n_genes=3,
+         lambda a: si.tl.simulate_sampling(a, ["random"], [1000], test="S1", seeds=[0], genes=3,
                                            embedding_key="X_synthetic"), (ValueError, "exceeds the 30 spots")),
     Case("method-unknown", "tl.active_sample", "unknown method", _base, _active(5, "nope"),
-         (ValueError, "Unknown method 'nope'; choose")),
+         (ValueError, "Unknown sampling method 'nope'; registered: .*register_sampler")),
     Case("train-str-col", "models.RidgeRegressor.fit", "train_indices names a non-boolean column", _mod(_str_col),
          lambda a: _ridge_fit(a, train_indices="m"), (TypeError, "must be boolean.*astype")),
     Case("train-floats", "models.RidgeRegressor.fit", "train_indices of fractions", _base,
@@ -541,18 +541,21 @@ def _first_free(ctx):
     return ctx.free[: ctx.budget]
 
 
+def _registered(budget, fn=_first_free):
+    """active_sample with ``fn`` registered under a name for the call only (the registry is left as found)."""
+    def call(a):
+        from stimg.models._sampling._base import SAMPLERS
+
+        si.tl.register_sampler("_hardening", fn)
+        try:
+            return si.tl.active_sample(a, budget, method="_hardening", embedding_key="X_synthetic")
+        finally:
+            SAMPLERS.pop("_hardening")
+    return call
+
+
 def _sampler_returning(fn):
-    def call(a):
-        si.tl.register_sampler("_hardening", fn, overwrite=True)
-        return si.tl.active_sample(a, 5, method="_hardening", embedding_key="X_synthetic")
-    return call
-
-
-def _registered(budget):
-    def call(a):
-        si.tl.register_sampler("_hardening", _first_free, overwrite=True)
-        return si.tl.active_sample(a, budget, method="_hardening", embedding_key="X_synthetic")
-    return call
+    return _registered(5, fn)
 
 
 def _ctx(**kw):
@@ -627,7 +630,7 @@ CASES += [
     Case("annotate-nan-emb", "tl.annotate", "NaN in the embedding", _mod(lambda a: (_labels(a), _inf_emb(a))),
          _annotate(), _NONFINITE),
     Case("annotate-empty", "tl.annotate", "table with 0 spots", lambda: _mod(_labels)()[:0].copy(), _annotate(),
-         (ValueError, "no spots")),
+         (ValueError, "no spots .*check the filtering")),
     Case("annotate-dup", "tl.annotate", "duplicate obs_names", _mod(lambda a: (_labels(a), _dup_names(a))),
          _annotate(), warns="obs_names_make_unique"),
     Case("annotate-one-class", "tl.annotate", "labels of a single class", _mod(
@@ -705,7 +708,7 @@ CASES += [
          (ValueError, "non-negative")),
     Case("ctx-radius-nan", "pp.spatial_context", "radius_um=NaN", _base, _ctx(radius_um=float("nan")),
          (ValueError, "radius")),
-    Case("ctx-empty", "pp.spatial_context", "table with 0 spots", _empty_obs, _ctx(), (ValueError, "no spots")),
+    Case("ctx-empty", "pp.spatial_context", "table with 0 spots", _empty_obs, _ctx(), (ValueError, "no spots .*check the filtering")),
     Case("ctx-visium-scale", "pp.spatial_context", "no µm/px, spot diameter in px only (Visium 55 µm assumed)",
          _mod(_no_mpp), _ctx()),
     Case("ctx-no-scale", "pp.spatial_context", "no µm scale at all", _mod(_no_scale), _ctx(),
@@ -724,7 +727,8 @@ CASES += [
     Case("pseudo-size0", "pp.pseudo_spots", "size_um=0", _base, _pseudo(size_um=0), (ValueError, "positive")),
     Case("pseudo-size-nan", "pp.pseudo_spots", "size_um=NaN", _base, _pseudo(size_um=float("nan")),
          (ValueError, "positive")),
-    Case("pseudo-empty", "pp.pseudo_spots", "table with 0 units", _empty_obs, _pseudo(), (ValueError, "no units")),
+    Case("pseudo-empty", "pp.pseudo_spots", "table with 0 units", _empty_obs, _pseudo(),
+         (ValueError, "no units .*check the filtering")),
     Case("pseudo-huge", "pp.pseudo_spots", "size_um=1e7 (one pseudo-spot per section)", _base,
          _pseudo(size_um=1e7, inplace=False)),
     Case("pseudo-no-mpp", "pp.pseudo_spots", "no pixel size in .uns", _mod(_no_mpp), _pseudo(), (ValueError, "µm")),
@@ -777,7 +781,7 @@ CASES += [
     Case("sampler-nan-xy", "tl.active_sample", "registered sampler, NaN spot coordinates", _mod(_nan_xy),
          _registered(5), _NONFINITE),
     Case("sampler-empty", "tl.active_sample", "registered sampler, table with 0 spots", _empty_obs, _registered(5),
-         (ValueError, "no spots")),
+         (ValueError, "no spots .*check the filtering")),
 ]
 
 
