@@ -105,6 +105,9 @@ def embed_grid(
         msg = f"stride_um must be in (0, patch_um={patch_um}] so that patches cover the tissue, got {stride_um!r}."
         raise ValueError(msg)
     table = get_table(data, table_key)
+    if table.n_obs == 0:
+        msg = "The table has no spots to embed; check the filtering that produced it."
+        raise ValueError(msg)
     units = native_units(data, table, library_key)
 
     weights, node_xy, node_lib, offset = [], [], [], 0
