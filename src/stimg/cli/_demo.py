@@ -191,7 +191,7 @@ def _sampling(si, sdata, table, train_mask, test, genes, key, args):
     except FileNotFoundError:
         pass  # SCRL falls back to clusters of the sampled spots' own expression
     res = si.tl.simulate_sampling(table, SAMPLING_METHODS, args.budgets, test=test, seeds=range(args.seeds),
-                                  n_genes=genes, embedding_key=key, progress=False, method_kwargs={"scrl": scrl})
+                                  genes=genes, embedding_key=key, progress=False, method_kwargs={"scrl": scrl})
     pool = table[train_mask].copy()
     plan = si.tl.active_sample(pool, min(args.budgets), method="scrl", embedding_key=key, progress=False,
                                inplace=False, **scrl)
