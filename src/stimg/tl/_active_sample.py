@@ -159,11 +159,12 @@ def active_sample(
 
     **Why k-means is the default.** On HER2ST (``benchmarks/her2st_sampling.py``; the five
     held-out sections of patient C and, across patients, C2–C6 → A1; top-50 HVGs; ridge and
-    NB-ensemble models trained on the chosen spots only) k-means and ``'uncertainty'`` tie for the
-    best held-out PCC at budgets of 10 and 25 percent of the spots (PCC averaged over the two fold groups, both models and both budgets: 0.149 vs
-    0.150, seed-to-seed sd ≈ 0.005), k-means leads on the other
-    patient at 10 percent (ridge 0.052 vs 0.048, NB 0.063 vs 0.057) and is ~50 times faster; SCRL with its defaults (0.145) and
-    random (0.141) trail. Numbers: ``benchmarks/results/her2st_sampling.md``.
+    NB-ensemble models trained on the chosen spots only; ``benchmarks/results/her2st_sampling.md``)
+    k-means and ``'uncertainty'`` tie for the best held-out PCC at budgets of 10 and 25 percent
+    (mean over both fold groups, models and budgets: 0.149 and 0.151; on the other patient alone
+    0.058 each), k-means leads on the other patient at 10 percent (ridge 0.051 vs 0.048, NB 0.063
+    vs 0.058), needs only the image and is about 100 times faster. SCRL with its defaults (0.145)
+    and random (0.141) trail.
 
     **Modes.** ``'simulate'`` (benchmarking): every spot's expression is in the table but a sampler
     reads it only for spots it has chosen. ``'propose'`` (a lab's workflow): ``sampled_key`` marks
