@@ -179,6 +179,11 @@ def main() -> None:
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25])
     ap.add_argument("--folds", nargs="+", default=None, help="test sections (default: C2–C6 and A1)")
     ap.add_argument("--skip-budgets", action="store_true")
+    ap.add_argument("--only-budgets", action="store_true",
+                    help="re-run part 2 only; part 1 rows (and timing) are kept from the existing results at --out")
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="run nothing: rewrite the .md/.json summaries from the rows in the .csv at --out")
+    ap.add_argument("--note", default=None, help="a line for the .md (e.g. how the rows of a combined .csv were run)")
     ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
                     help="SCR²Net variants of part 1 (default: all but the warm-up experiment)")
     ap.add_argument("--no-baselines", action="store_true", help="skip ridge and the NB ensemble in part 1")
@@ -188,36 +193,57 @@ def main() -> None:
     si.settings.progress = False
     si.settings.verbosity = 1
     t0 = time.perf_counter()
+    out = Path(a.out)
+    if a.summarize_only:
+        write_summaries(a, pd.read_csv(out.with_suffix(".csv")), out,
+                        json.loads(out.with_suffix(".json").read_text())["meta"]["seconds"])
+        return
     adata = P.load()
     t_load = time.perf_counter() - t0
     folds = [f for f in P.FOLDS if a.folds is None or f.test in a.folds]
     rows: list[dict] = []
     t1 = time.perf_counter()
-    part1(adata, folds, a.seeds, rows, a.variants or DEFAULT_VARIANTS, baselines=not a.no_baselines)
-    t_part1 = time.perf_counter() - t1
+    if a.only_budgets:
+        old = pd.read_csv(out.with_suffix(".csv"))
+        rows = old[old.part == "table2"].to_dict("records")
+        t_part1 = json.loads(out.with_suffix(".json").read_text())["meta"]["seconds"]["table2"]
+    else:
+        part1(adata, folds, a.seeds, rows, a.variants or DEFAULT_VARIANTS, baselines=not a.no_baselines)
+        t_part1 = time.perf_counter() - t1
     t2 = time.perf_counter()
     if not a.skip_budgets:
         part2(adata, folds, a.budget_seeds, a.budgets, rows)
     t_part2 = time.perf_counter() - t2
     df = pd.DataFrame(rows)
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out.with_suffix(".csv"), index=False)
+    write_summaries(a, df, out, {"load": t_load, "table2": t_part1, "budgets": t_part2,
+                                 "total": time.perf_counter() - t0})
+
+
+def write_summaries(a, df: pd.DataFrame, out: Path, seconds: dict) -> None:
+    """Table 2 and (when present) the budget table as .md and .json beside the rows' .csv."""
     t2tab = summarize(df[df.part == "table2"], ["method", "mode"])
     kept = df[df.part == "table2"].groupby(["method", "mode"], sort=False)["kept_fraction"].mean().round(3)
     t2tab["kept by filter"] = kept.reindex(t2tab.index).to_numpy()
-    md = ["# SCR²Net on HER2ST (Table-2 form)", "", f"Command: `{' '.join(['python', *sys.argv])}`", "",
+    cmd = " ".join(["python", *("'…'" if x == a.note else x for x in sys.argv)])
+    md = ["# SCR²Net on HER2ST (Table-2 form)", "", f"Command: `{cmd}`", "",
           t2tab.to_markdown(), ""]
+    if a.only_budgets:
+        md[2:2] = ["Table 2 rows: kept from the previous full run (`python benchmarks/scr2net_her2st.py`); the budget "
+                   "part was re-run with the command above.", ""]
+    if a.note:
+        md[2:2] = [a.note, ""]
     summary = {"table2": json.loads(t2tab.to_json(orient="index"))}
-    if not a.skip_budgets:
+    if (df.part == "budget").any():
         b = df[df.part == "budget"]
         btab = summarize(b, ["sampler", "budget", "method", "mode"])
         md += ["## Training sets chosen by SCRL and random", "", btab.to_markdown(), ""]
         summary["budgets"] = json.loads(btab.to_json(orient="index"))
-    meta = {"command": " ".join(["python", *sys.argv]), "python": platform.python_version(),
+    meta = {"command": cmd, "note": a.note, "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "seeds": a.seeds, "budget_seeds": a.budget_seeds,
             "cell_types": CELL_TYPES, "n_genes": 50, "encoder": "efficientnet_lite0",
-            "seconds": {"load": t_load, "table2": t_part1, "budgets": t_part2, "total": time.perf_counter() - t0}}
+            "seconds": seconds}
     out.with_suffix(".md").write_text("\n".join(md) + f"\nTimings (s): {json.dumps(meta['seconds'])}\n")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, **summary}, indent=1, ensure_ascii=False))
     print("\n".join(md))

@@ -14,7 +14,7 @@ def test_help_documents_options(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for opt in ("--sections", "--test-section", "--encoder", "--n-genes", "--members", "--budgets", "--out",
-                "--no-progress", "--patch-um"):
+                "--no-progress", "--patch-um", "--context-um"):
         assert opt in out
     assert main([]) == 2  # no command: a usage error (issue 14)
     for cmd, opts in (("train", ("--sections", "--data", "--out", "--model", "--no-calibrate")),
@@ -31,6 +31,8 @@ def test_bad_arguments(tmp_path, capsys):
     assert main(["demo", "--sections", "C5", "C6", "--out", str(tmp_path)]) == 2  # one training section
     assert "≥ 2 training sections" in capsys.readouterr().err
     assert main(["demo", "--members", "1", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "--context-um", "-1", "--out", str(tmp_path)]) == 2
+    assert "--context-um must be ≥ 0" in capsys.readouterr().err
     (tmp_path / "m.stimg").write_bytes(b"x")
     assert main(["train", "--out", str(tmp_path / "m.stimg")]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -65,7 +65,7 @@ def _missing(texts) -> list[str]:
 def test_checker_catches_a_missing_function():
     assert _resolves(".pp.embed") and _resolves(".models.NBEnsemble.calibrate") and _resolves(".models._base")
     assert _refs("call `si.tl.align(data)` then stimg.pl.nothing_here") == {".tl.align", ".pl.nothing_here"}
-    assert _missing([("x", "si.tl.align and si.pp.embed")]) == ["x: si.tl.align"]
+    assert _missing([("x", "si.tl.align_everything and si.pp.embed")]) == ["x: si.tl.align_everything"]
     assert _refs("see docs/si.pp.md or https://x.org/stimg.io") == set()  # paths and URLs are not references
 
 

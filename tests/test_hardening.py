@@ -265,7 +265,7 @@ CASES = [
          _nb_setup, (ValueError, "gene list .* is empty")),
     Case("empty-predict", "tl.predict_expression", "table with 0 spots", _empty_obs,
          lambda a: si.tl.predict_expression(a, _ridge()), (ValueError, "nothing to predict")),
-    Case("empty-sample", "tl.active_sample", "table with 0 spots", _empty_obs, _active(5), (ValueError, "no spots")),
+    Case("empty-sample", "tl.active_sample", "table with 0 spots", _empty_obs, _active(5), (ValueError, "no spots .*check the filtering")),
     Case("empty-plot", "pl.spatial", "table with 0 spots", _empty_obs,
          lambda a: si.pl.spatial(a), (ValueError, "no spots")),
     Case("empty-metric", "metrics.pearson", "0 spots", lambda: None,
@@ -362,13 +362,13 @@ CASES = [
          (ValueError, "exceeds the 60 spots")),
     Case("budget-all", "tl.active_sample", "budget = pool", _base, _active(60)),
     Case("budget-sim-0", "tl.simulate_sampling", "budgets=[0]", _base,
-         lambda a: si.tl.simulate_sampling(a, ["random"], [0], test="S1", seeds=[0], n_genes=3,
+         lambda a: si.tl.simulate_sampling(a, ["random"], [0], test="S1", seeds=[0], genes=3,
                                            embedding_key="X_synthetic"), (ValueError, "budget must be positive")),
     Case("budget-sim-pool", "tl.simulate_sampling", "budgets=[1000]", _base,
-         lambda a: si.tl.simulate_sampling(a, ["random"], [1000], test="S1", seeds=[0], n_genes=3,
+         lambda a: si.tl.simulate_sampling(a, ["random"], [1000], test="S1", seeds=[0], genes=3,
                                            embedding_key="X_synthetic"), (ValueError, "exceeds the 30 spots")),
     Case("method-unknown", "tl.active_sample", "unknown method", _base, _active(5, "nope"),
-         (ValueError, "Unknown method 'nope'; choose")),
+         (ValueError, "Unknown sampling method 'nope'; registered: .*register_sampler")),
     Case("train-str-col", "models.RidgeRegressor.fit", "train_indices names a non-boolean column", _mod(_str_col),
          lambda a: _ridge_fit(a, train_indices="m"), (TypeError, "must be boolean.*astype")),
     Case("train-floats", "models.RidgeRegressor.fit", "train_indices of fractions", _base,
@@ -403,6 +403,385 @@ CASES = [
          lambda _: si.datasets.her2st(2), (TypeError, "section name such as 'C2'")),
     Case("her2st-unknown", "datasets.her2st", "section='Z9'", lambda: None,
          lambda _: si.datasets.her2st("Z9"), (ValueError, "Known sections: A1")),
+]
+
+
+# ----------------------------------------------------------------------------------------------- functions merged later
+def _aligner():
+    if "align" not in _MODELS:
+        a = _base()
+        si.models.ContrastiveAligner.setup_anndata(a, "X_synthetic", genes=a.var_names)
+        m = si.models.ContrastiveAligner(a, n_latent=4, image_hidden=8, gene_hidden=8, seed=0)
+        m.train(2, batch_size=32, accelerator="cpu", progress=False)
+        _MODELS["align"] = m
+    return _MODELS["align"]
+
+
+def _scr2net(train: bool = True):
+    key = f"scr2net{train}"
+    if key not in _MODELS:
+        m = si.models.SCR2Net(_base(), "X_synthetic", target_key=None, cell_types="cell_type", top_k=5, n_types=2,
+                              n_hidden=8, n_proj=4)
+        if train:
+            m.train(max_epochs=1, accelerator="cpu", batch_size=32, progress=False, seed=0)
+        _MODELS[key] = m
+    return _MODELS[key]
+
+
+def _scr2(a, **kw):
+    kw = {"target_key": None, "top_k": 5, "n_hidden": 8, "n_proj": 4, **kw}
+    return si.models.SCR2Net(a, "X_synthetic", **kw).train(max_epochs=1, accelerator="cpu", batch_size=32,
+                                                          progress=False)
+
+
+def _tiny_encoder():
+    from stimg.encoders import get_encoder
+
+    return get_encoder(_tiny(), input_px=16)
+
+
+def _xbase():
+    """The base table embedded by a tiny encoder (16 px patches of 112 µm), with a ridge on those features."""
+    if "xbase" not in _MODELS:
+        a = _base()
+        enc = _tiny_encoder()
+        si.pp.embed(a, enc, patch_px=16, cache=False, progress=False, key_added="X_tiny")
+        ridge = si.models.RidgeRegressor(n_components=3).fit(a, "X_tiny", genes=list(a.var_names[:3]))
+        _MODELS["xbase"] = (a, enc, ridge)
+    return _MODELS["xbase"][0].copy()
+
+
+def _grid_seg(image, *, mpp):
+    lab = np.zeros(image.shape[:2], np.int32)
+    for k, y in enumerate(range(1, image.shape[0] - 3, 5)):
+        lab[y:y + 3, 1:4] = k + 1
+    return lab
+
+
+def _explain(spot: int = 0, model: Any = None, **kw):
+    def call(a):
+        _, enc, ridge = _MODELS["xbase"]
+        kw2 = {"spots": [a.obs_names[spot]] if a.n_obs else [], "encoder": enc, "segmenter": _grid_seg,
+               "n_samples": 12, "progress": False, **kw}
+        return si.tl.explain(a, ridge if model is None else model, **kw2)
+    return call
+
+
+def _align_setup():
+    a = _base()
+    si.models.ContrastiveAligner.setup_anndata(a, "X_synthetic", genes=a.var_names)
+    return a
+
+
+def _untrained_align(a):
+    return si.tl.align(a, si.models.ContrastiveAligner(a, n_latent=4, image_hidden=8, gene_hidden=8))
+
+
+def _xmod(fn: Callable) -> Callable:
+    def make():
+        a = _xbase()
+        fn(a)
+        return a
+    return make
+
+
+def _annotate(**kw):
+    return lambda a: si.tl.annotate(a, "pathologist", **{"n_new": 5, "seed": 0, "max_epochs": 2, **kw})
+
+
+def _labels(a, frac=3):
+    a.obs["pathologist"] = a.obs["cell_type"].astype(str).where(np.arange(a.n_obs) % frac == 0)
+
+
+def _loupe(content: str | bytes | None, **kw):
+    def call(a):
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "labels.csv"
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            elif content is not None:
+                path.write_text(content.format(*a.obs_names[:2]))
+            return si.io.read_loupe(a, path, **{"key_added": "loupe", **kw})
+    return call
+
+
+def _tif(kind: str, **kw):
+    def call(_):
+        import tempfile
+        from pathlib import Path
+
+        import tifffile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "slide.tif"
+            img = np.full((64, 64, 3), 200, np.uint8)
+            if kind == "junk":
+                path.write_bytes(b"not a slide at all")
+            elif kind == "empty":
+                path.write_bytes(b"")
+            elif kind == "gray":
+                tifffile.imwrite(path, img[..., 0], resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+            elif kind == "rgba":
+                tifffile.imwrite(path, np.dstack([img, img[..., :1]]), photometric="rgb", extrasamples=[2],
+                                 resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+            elif kind == "dir":
+                path = Path(d)
+            else:
+                tifffile.imwrite(path, img, photometric="rgb")  # no pixel size
+            out = si.io.read_wsi(path, **kw)
+            next(iter(out.images.values()))  # the image element opens
+            return out
+    return call
+
+
+def _first_free(ctx):
+    return ctx.free[: ctx.budget]
+
+
+def _registered(budget, fn=_first_free):
+    """active_sample with ``fn`` registered under a name for the call only (the registry is left as found)."""
+    def call(a):
+        from stimg.models._sampling._base import SAMPLERS
+
+        si.tl.register_sampler("_hardening", fn)
+        try:
+            return si.tl.active_sample(a, budget, method="_hardening", embedding_key="X_synthetic")
+        finally:
+            SAMPLERS.pop("_hardening")
+    return call
+
+
+def _sampler_returning(fn):
+    return _registered(5, fn)
+
+
+def _ctx(**kw):
+    return lambda a: si.pp.spatial_context(a, "X_synthetic", **{"radius_um": 200.0, "method": "mean", **kw})
+
+
+def _pseudo(**kw):
+    return lambda a: si.pp.pseudo_spots(a, **{"size_um": 200.0, **kw})
+
+
+def _grid_embed(**kw):
+    kw = {"stride_um": 112.0, "patch_px": 16, "cache": False, "progress": False, **kw}
+    return lambda a: si.pp.embed_grid(a, _tiny_encoder(), **kw)
+
+
+def _no_mpp(a):
+    for lib in a.uns["spatial"]:
+        a.uns["spatial"][lib]["scalefactors"].pop("microns_per_pixel")
+        a.uns["spatial"][lib]["scalefactors"].pop("spot_diameter_um", None)
+
+
+def _no_scale(a):
+    _no_mpp(a)
+    for lib in a.uns["spatial"]:
+        a.uns["spatial"][lib]["scalefactors"].pop("spot_diameter_fullres")
+
+
+_UNTRAINED_MSG = (RuntimeError, "not trained")
+CASES += [
+    # ---- si.tl.align / si.tl.retrieve (ContrastiveAligner)
+    Case("align-nan-emb", "tl.align", "NaN in the image features", _mod(lambda a: a.obsm["X_synthetic"].__setitem__(
+        (2, 1), np.nan)), lambda a: si.tl.align(a, _aligner()), _NONFINITE),
+    Case("align-missing-emb", "tl.align", "image features missing", _mod(lambda a: a.obsm.pop("X_synthetic")),
+         lambda a: si.tl.align(a, _aligner()), (KeyError, "si.pp.embed")),
+    Case("align-empty", "tl.align", "table with 0 spots (0-row latents)", _empty_obs,
+         lambda a: si.tl.align(a, _aligner())),
+    Case("align-genes-missing", "tl.align", "table lacks the model's genes (image side only, as documented)",
+         lambda: _base()[:, 3:].copy(), lambda a: si.tl.align(a, _aligner())),
+    Case("align-dup", "tl.align", "duplicate obs_names", _mod(_dup_names), lambda a: si.tl.align(a, _aligner()),
+         warns="obs_names_make_unique"),
+    Case("align-untrained", "tl.align", "untrained model", _align_setup, _untrained_align, _UNTRAINED_MSG),
+    Case("retrieve-nan-emb", "tl.retrieve", "inf in the image features", _mod(_inf_emb),
+         lambda a: si.tl.retrieve(a, _aligner()), _NONFINITE),
+    Case("retrieve-empty", "tl.retrieve", "table with 0 spots", _empty_obs, lambda a: si.tl.retrieve(a, _aligner()),
+         (ValueError, "nothing to predict|no spots")),
+    Case("retrieve-k-pool", "tl.retrieve", "k larger than the reference bank (1000 of 60)", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), k=1000), warns="exceeds the 60 reference spots"),
+    Case("retrieve-k-nan", "tl.retrieve", "k=NaN", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), k=float("nan")), (ValueError, "k must be a whole number")),
+    Case("retrieve-k-frac", "tl.retrieve", "k=2.5", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), k=2.5), (ValueError, "k must be a whole number")),
+    Case("retrieve-genes", "tl.retrieve", "gene not in the reference bank", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), genes=["nope"]), (KeyError, "not in the model's reference bank")),
+    Case("retrieve-ref-nan", "tl.retrieve", "reference with a NaN count (that spot left out, as documented)", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), reference=_mod(_nan_X)())),
+    Case("retrieve-ref-neg", "tl.retrieve", "reference with a negative count", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), reference=_mod(_neg_X)()), (ValueError, "negative")),
+    Case("retrieve-ref-empty", "tl.retrieve", "reference with 0 spots", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), reference=_empty_obs()), (ValueError, "reference table has no spot .*pass a table")),
+    Case("retrieve-zero-spots", "tl.retrieve", "reference with 3 spots without counts", _base,
+         lambda a: si.tl.retrieve(a, _aligner(), reference=_mod(_zero_spots)())),
+    Case("retrieve-dup", "tl.retrieve", "duplicate obs_names", _mod(_dup_names),
+         lambda a: si.tl.retrieve(a, _aligner()), warns="obs_names_make_unique"),
+    # ---- si.tl.annotate / si.io.read_loupe
+    Case("annotate-missing-col", "tl.annotate", "labels_key not in .obs (round 0: nothing labelled yet)", _base,
+         _annotate()),
+    Case("annotate-n0", "tl.annotate", "n_new=0", _mod(_labels), _annotate(n_new=0), (ValueError, "n_new")),
+    Case("annotate-pool", "tl.annotate", "n_new larger than the unlabelled pool (1000 of 40): all proposed",
+         _mod(_labels), _annotate(n_new=1000)),
+    Case("annotate-all-labelled", "tl.annotate", "every spot already labelled (nothing left to propose)",
+         _mod(lambda a: _labels(a, 1)), _annotate()),
+    Case("annotate-nan-emb", "tl.annotate", "NaN in the embedding", _mod(lambda a: (_labels(a), _inf_emb(a))),
+         _annotate(), _NONFINITE),
+    Case("annotate-empty", "tl.annotate", "table with 0 spots", lambda: _mod(_labels)()[:0].copy(), _annotate(),
+         (ValueError, "no spots .*check the filtering")),
+    Case("annotate-dup", "tl.annotate", "duplicate obs_names", _mod(lambda a: (_labels(a), _dup_names(a))),
+         _annotate(), warns="obs_names_make_unique"),
+    Case("annotate-one-class", "tl.annotate", "labels of a single class", _mod(
+        lambda a: a.obs.__setitem__("pathologist", pd.Series(np.where(np.arange(a.n_obs) % 3 == 0, "tumour", None),
+                                                             index=a.obs_names, dtype=object))), _annotate()),
+    Case("annotate-int-labels", "tl.annotate", "integer class labels with NaN for unlabelled", _mod(
+        lambda a: a.obs.__setitem__("pathologist", np.where(np.arange(a.n_obs) % 3 == 0, np.arange(a.n_obs) % 2,
+                                                            np.nan))), _annotate()),
+    Case("loupe-missing", "io.read_loupe", "file does not exist", _base, _loupe(None),
+         (FileNotFoundError, "labels.csv")),
+    Case("loupe-empty", "io.read_loupe", "empty file", _base, _loupe(""), (si.io.LoupeFormatError, "is empty")),
+    Case("loupe-header", "io.read_loupe", "no Barcode column", _base, _loupe("Spot,label\n{0},a\n"),
+         (si.io.LoupeFormatError, "no 'Barcode' column")),
+    Case("loupe-unknown", "io.read_loupe", "barcodes not in the table", _base,
+         _loupe("Barcode,label\n{0},a\nTTTT-1,b\n"), (KeyError, "TTTT-1")),
+    Case("loupe-binary", "io.read_loupe", "binary (non-UTF-8) file", _base, _loupe(b"Barcode,label\n\xff\xfe\x00\n"),
+         (si.io.LoupeFormatError, "not UTF-8")),
+    Case("loupe-dup-names", "io.read_loupe", "duplicate obs_names", _mod(_dup_names),
+         _loupe("Barcode,label\ndup,a\n"), (ValueError, "barcode_key=")),
+    Case("loupe-empty-table", "io.read_loupe", "table with 0 spots", _empty_obs,
+         _loupe("Barcode,label\nAAAC-1,a\n"), (KeyError, "AAAC-1")),
+    Case("loupe-blank-labels", "io.read_loupe", "a row with an empty label", _base,
+         _loupe("Barcode,label\n{0},a\n{1},\n")),
+    # ---- si.tl.explain
+    Case("explain-untrained", "tl.explain", "untrained model", _xbase,
+         _explain(model=si.models.RidgeRegressor(n_components=3)), _UNTRAINED_MSG),
+    Case("explain-no-spots", "tl.explain", "spots=[]", _xbase, _explain(spots=[]), (ValueError, "spots")),
+    Case("explain-nan-xy", "tl.explain", "NaN coordinates of the spot explained", _xmod(_nan_xy),
+         _explain(spot=3), (ValueError, "non-finite .*coordinates")),
+    Case("explain-off-image", "tl.explain", "spot far outside the image", _xmod(_off_image),
+         _explain(spot=4), (ValueError, "outside")),
+    Case("explain-gray", "tl.explain", "grayscale 2-D image", _xmod(_image(lambda i: i.mean(-1).astype(np.uint8))),
+         _explain(), warns="grayscale"),
+    Case("explain-rgba", "tl.explain", "RGBA image", _xmod(_image(
+        lambda i: np.dstack([i, np.full(i.shape[:2], 255, np.uint8)]))), _explain()),
+    Case("explain-dup", "tl.explain", "duplicate obs_names, spot given by a repeated name", _xmod(_dup_names),
+         _explain(spots=["dup"]), (ValueError, r"more than once .*obs_names_make_unique\(\)")),
+    Case("explain-empty", "tl.explain", "table with 0 spots", lambda: _xbase()[:0].copy(), _explain(),
+         (ValueError, "selects no spot")),
+    Case("explain-genes", "tl.explain", "gene the model does not predict", _xbase, _explain(genes=["nope"]),
+         (KeyError, "not predicted by RidgeRegressor")),
+    Case("explain-nan-emb", "tl.explain", "NaN in the stored features", _xmod(
+        lambda a: a.obsm["X_tiny"].__setitem__((0, 0), np.nan)), _explain(), _NONFINITE),
+    # ---- si.models.SCR2Net
+    Case("scr2-nan-X", "models.SCR2Net", "NaN count", _mod(_nan_X), _scr2, _NONFINITE),
+    Case("scr2-neg-X", "models.SCR2Net", "negative count", _mod(_neg_X), _scr2, (ValueError, "negative")),
+    Case("scr2-zero-spots", "models.SCR2Net", "3 spots with no counts", _mod(_zero_spots), _scr2),
+    Case("scr2-empty", "models.SCR2Net", "table with 0 spots", _empty_obs, _scr2, (ValueError, "table has no spots to train on")),
+    Case("scr2-no-genes", "models.SCR2Net", "table with 0 genes", _no_genes, _scr2, (ValueError, "gene")),
+    Case("scr2-genes", "models.SCR2Net", "unknown target gene", _base, lambda a: _scr2(a, genes=["nope"]),
+         (KeyError, "nope")),
+    Case("scr2-inf-emb", "models.SCR2Net", "inf in the embedding", _mod(_inf_emb), _scr2, _NONFINITE),
+    Case("scr2-topk0", "models.SCR2Net", "top_k=0", _base, lambda a: _scr2(a, top_k=0), (ValueError, "top_k")),
+    Case("scr2-topk-pool", "models.SCR2Net", "top_k larger than the training spots (capped, as documented)", _base,
+         lambda a: _scr2(a, top_k=1000)),
+    Case("scr2-train-none", "models.SCR2Net", "train_indices selects nothing", _base,
+         lambda a: si.models.SCR2Net(a, "X_synthetic", target_key=None).train(
+             max_epochs=1, train_indices=np.zeros(a.n_obs, bool), progress=False), (ValueError, "selects no spot")),
+    Case("scr2-predict-untrained", "tl.predict_expression", "untrained SCR2Net", _base,
+         lambda a: si.tl.predict_expression(a, _scr2net(train=False)), _UNTRAINED_MSG),
+    Case("scr2-predict-no-emb", "tl.predict_expression", "SCR2Net, features missing",
+         _mod(lambda a: a.obsm.pop("X_synthetic")), lambda a: si.tl.predict_expression(a, _scr2net()),
+         (KeyError, "si.pp.embed")),
+    Case("scr2-predict-empty", "tl.predict_expression", "SCR2Net, table with 0 spots", _empty_obs,
+         lambda a: si.tl.predict_expression(a, _scr2net()), (ValueError, "nothing to predict")),
+    Case("scr2-predict-nan", "tl.predict_expression", "SCR2Net, inf in the features", _mod(_inf_emb),
+         lambda a: si.tl.predict_expression(a, _scr2net()), _NONFINITE),
+    Case("scr2-predict-dup", "tl.predict_expression", "SCR2Net, duplicate obs_names", _mod(_dup_names),
+         lambda a: si.tl.predict_expression(a, _scr2net()), warns="obs_names_make_unique"),
+    # ---- si.pp.spatial_context
+    Case("ctx-nan-xy", "pp.spatial_context", "NaN spot coordinates", _mod(_nan_xy), _ctx(),
+         (ValueError, "non-finite .*coordinates")),
+    Case("ctx-inf-emb", "pp.spatial_context", "inf in the embedding", _mod(_inf_emb), _ctx(), _NONFINITE),
+    Case("ctx-radius-neg", "pp.spatial_context", "radius_um=-1", _base, _ctx(radius_um=-1.0),
+         (ValueError, "non-negative")),
+    Case("ctx-radius-nan", "pp.spatial_context", "radius_um=NaN", _base, _ctx(radius_um=float("nan")),
+         (ValueError, "radius")),
+    Case("ctx-empty", "pp.spatial_context", "table with 0 spots", _empty_obs, _ctx(), (ValueError, "no spots .*check the filtering")),
+    Case("ctx-visium-scale", "pp.spatial_context", "no µm/px, spot diameter in px only (Visium 55 µm assumed)",
+         _mod(_no_mpp), _ctx()),
+    Case("ctx-no-scale", "pp.spatial_context", "no µm scale at all", _mod(_no_scale), _ctx(),
+         (ValueError, "No µm scale .*microns_per_pixel")),
+    Case("ctx-missing-emb", "pp.spatial_context", "embedding missing", _base,
+         lambda a: si.pp.spatial_context(a, "X_nope", radius_um=200.0), (KeyError, "X_nope")),
+    Case("ctx-dup", "pp.spatial_context", "duplicate obs_names", _mod(_dup_names), _ctx(),
+         warns="obs_names_make_unique"),
+    Case("ctx-str-emb", "pp.spatial_context", "string embedding", _mod(_str_emb), _ctx(),
+         (TypeError, "must be numeric")),
+    # ---- si.pp.pseudo_spots / si.pp.embed_grid
+    Case("pseudo-nan-xy", "pp.pseudo_spots", "NaN unit coordinates", _mod(_nan_xy), _pseudo(),
+         (ValueError, "non-finite")),
+    Case("pseudo-nan-X", "pp.pseudo_spots", "NaN count", _mod(_nan_X), _pseudo(),
+         (ValueError, "must be finite and non-negative .*raw-count layer")),
+    Case("pseudo-size0", "pp.pseudo_spots", "size_um=0", _base, _pseudo(size_um=0), (ValueError, "positive")),
+    Case("pseudo-size-nan", "pp.pseudo_spots", "size_um=NaN", _base, _pseudo(size_um=float("nan")),
+         (ValueError, "positive")),
+    Case("pseudo-empty", "pp.pseudo_spots", "table with 0 units", _empty_obs, _pseudo(),
+         (ValueError, "no units .*check the filtering")),
+    Case("pseudo-huge", "pp.pseudo_spots", "size_um=1e7 (one pseudo-spot per section)", _base,
+         _pseudo(size_um=1e7, inplace=False)),
+    Case("pseudo-no-mpp", "pp.pseudo_spots", "no pixel size in .uns", _mod(_no_mpp), _pseudo(), (ValueError, "µm")),
+    Case("pseudo-dup", "pp.pseudo_spots", "duplicate obs_names", _mod(_dup_names), _pseudo(inplace=False),
+         warns="obs_names_make_unique"),
+    Case("grid-stride0", "pp.embed_grid", "stride_um=0", _base, _grid_embed(stride_um=0),
+         (ValueError, "stride_um")),
+    Case("grid-gray", "pp.embed_grid", "grayscale 2-D image", _mod(_image(lambda i: i.mean(-1).astype(np.uint8))),
+         _grid_embed(), warns="grayscale"),
+    Case("grid-empty", "pp.embed_grid", "table with 0 spots", _empty_obs, _grid_embed(),
+         (ValueError, "no spots to embed; check the filtering")),
+    Case("grid-off-image", "pp.embed_grid", "spot far outside the image", _mod(_off_image), _grid_embed(),
+         (ValueError, "outside")),
+    Case("grid-float01", "pp.embed_grid", "float image in [0, 1]", _mod(_image(lambda i: i / 255.0)), _grid_embed()),
+    # ---- si.io.read_wsi
+    Case("wsi-missing", "io.read_wsi", "file does not exist", lambda: None,
+         lambda _: si.io.read_wsi("/nonexistent/slide.svs"), (FileNotFoundError, "does not exist")),
+    Case("wsi-junk", "io.read_wsi", "not an image file", lambda: None, _tif("junk"), (ValueError, "Could not read")),
+    Case("wsi-empty", "io.read_wsi", "empty file", lambda: None, _tif("empty"), (ValueError, "Could not read")),
+    Case("wsi-dir", "io.read_wsi", "a directory", lambda: None, _tif("dir"), (ValueError, "is a directory; pass the")),
+    Case("wsi-no-mpp", "io.read_wsi", "TIFF without pixel size", lambda: None, _tif("plain"),
+         (ValueError, "no pixel size.*mpp=")),
+    Case("wsi-mpp0", "io.read_wsi", "mpp=0", lambda: None, _tif("plain", mpp=0), (ValueError, "mpp must be a positive")),
+    Case("wsi-mpp-nan", "io.read_wsi", "mpp=NaN", lambda: None, _tif("plain", mpp=float("nan")),
+         (ValueError, "mpp must be a positive")),
+    Case("wsi-gray", "io.read_wsi", "grayscale TIFF", lambda: None, _tif("gray")),
+    Case("wsi-rgba", "io.read_wsi", "RGBA TIFF", lambda: None, _tif("rgba")),
+    Case("wsi-backend", "io.read_wsi", "unknown backend", lambda: None, _tif("plain", mpp=0.5, backend="nope"),
+         (ValueError, "backend")),
+    # ---- si.tl.active_sample with a registered sampler
+    Case("sampler-budget-0", "tl.active_sample", "registered sampler, budget=0", _base, _registered(0),
+         (ValueError, "budget must be positive")),
+    Case("sampler-budget-pool", "tl.active_sample", "registered sampler, budget > pool (61 of 60)", _base,
+         _registered(61), (ValueError, "exceeds the 60 spots available")),
+    Case("sampler-budget-all", "tl.active_sample", "registered sampler, budget = pool", _base, _registered(60)),
+    Case("sampler-budget-frac", "tl.active_sample", "registered sampler, budget=0.5 (a fraction)", _base,
+         _registered(0.5)),
+    Case("sampler-too-few", "tl.active_sample", "sampler returns fewer spots than the budget", _base,
+         _sampler_returning(lambda ctx: ctx.free[:2]), (ValueError, "returned 2 spots for a budget of 5")),
+    Case("sampler-repeat", "tl.active_sample", "sampler returns a spot twice", _base,
+         _sampler_returning(lambda ctx: np.array([1, 1, 2, 3, 4])), (ValueError, "more than once")),
+    Case("sampler-range", "tl.active_sample", "sampler returns a position out of range", _base,
+         _sampler_returning(lambda ctx: np.array([0, 1, 2, 3, 999])), (ValueError, "range|outside|not a free")),
+    Case("sampler-float", "tl.active_sample", "sampler returns floats", _base,
+         _sampler_returning(lambda ctx: np.array([0.5, 1, 2, 3, 4])), (TypeError, "integer")),
+    Case("sampler-none", "tl.active_sample", "sampler returns None", _base,
+         _sampler_returning(lambda ctx: None), (TypeError, "returned None|integer")),
+    Case("sampler-raises", "tl.active_sample", "sampler raises", _base,
+         _sampler_returning(lambda ctx: 1 / 0), (ZeroDivisionError, "")),
+    Case("sampler-nan-xy", "tl.active_sample", "registered sampler, NaN spot coordinates", _mod(_nan_xy),
+         _registered(5), _NONFINITE),
+    Case("sampler-empty", "tl.active_sample", "registered sampler, table with 0 spots", _empty_obs, _registered(5),
+         (ValueError, "no spots .*check the filtering")),
 ]
 
 

@@ -41,7 +41,7 @@ def test_nb_regressor_trains_with_ddp_on_two_cpu_processes(tmp_path):
     script.write_text(_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(Path(si.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, cwd=tmp_path)  # Lightning writes lightning_logs/ into the working directory
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]  # Lightning launched rank 1
     assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients were averaged: one model, two replicas

@@ -179,3 +179,19 @@ def test_prior_validates_inputs():
     ref.var_names = [f"other_{i}" for i in range(ref.n_vars)]
     with pytest.raises(ValueError, match="shared"):
         si.models.SingleCellPrior(ref, "cell_type", encoder="pca").fit(spots.var_names)
+
+
+def test_within_batch_dispersion_exact_when_small_and_estimated_when_large():
+    from stimg.models._sampling._rewards import RewardState, _pair_sum
+
+    rng = np.random.default_rng(0)
+    xy = rng.random((6000, 2))
+    groups = np.zeros(len(xy), dtype=np.int64)
+    st = RewardState(xy, groups, 0, 0, pair_sample=500)
+    small = xy[:400]
+    assert st._within_sum(small, 0) == _pair_sum(small, small)  # exact below pair_sample
+    big = xy[:5000]
+    exact = _pair_sum(big, big)
+    est = st._within_sum(big, 0)
+    assert est != exact and abs(est / exact - 1) < 0.03  # k·m distances instead of k², within 3 %
+    assert st._within_sum(big, 0) == est  # deterministic for the same batch size and section

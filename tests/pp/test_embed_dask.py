@@ -61,3 +61,38 @@ def test_bad_client_and_task_size(client):
     with pytest.raises(ValueError, match="spots_per_task must be ≥ 1"):
         si.pp.embed(sdata, _tiny(), patch_px=32, client=client, spots_per_task=0, cache=False)
     assert not any(k.startswith("X_s") and k != "X_synthetic" for k in sdata["table"].obsm)
+
+
+def test_task_reads_only_the_chunks_its_windows_touch(tmp_path):
+    """A task reads each image chunk its patches touch once, no other chunk, and cuts the same crops."""
+    import dataclasses
+
+    import dask
+    import dask.array as da
+
+    from stimg._spatial import Section
+    from stimg.pp._distributed import _prefetch
+    from stimg.pp._patch_dataset import PatchDataset
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (3, 400, 500), dtype=np.uint8)
+    da.from_array(img, chunks=(3, 100, 100)).to_zarr(str(tmp_path / "img.zarr"))
+    reads = []
+
+    def record(block, block_info=None):
+        reads.append(tuple(block_info[0]["chunk-location"][1:]))
+        return block
+
+    lazy = da.from_zarr(str(tmp_path / "img.zarr")).map_blocks(record, dtype=np.uint8)
+    # 30 px windows: inside chunk (0, 0); across chunks (1..2, 1..2); half off the image in (0, 4)
+    xy = np.array([[20.0, 20.0], [200.0, 200.0], [495.0, 50.0]])
+    section = Section("s", np.arange(3), xy, lazy, None, 1.0, 10.0)
+    with dask.config.set(scheduler="synchronous"):
+        fetched = dataclasses.replace(section, image=_prefetch(section, patch_um=30))
+    assert sorted(reads) == [(0, 0), (0, 4), (1, 1), (1, 2), (2, 1), (2, 2)]
+    names = np.array(["a", "b", "c"])
+    ds = PatchDataset([fetched], names, patch_um=30, patch_px=30)
+    ref = PatchDataset([dataclasses.replace(section, image=img)], names, patch_um=30, patch_px=30)
+    for i in range(3):
+        np.testing.assert_array_equal(ds.crop(i), ref.crop(i))
+    assert len(reads) == 6  # cutting the patches read nothing more

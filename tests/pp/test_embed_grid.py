@@ -60,3 +60,17 @@ def test_embed_grid_errors():
     with pytest.raises(ValueError, match="interpolation must be one of"):
         si.pp.embed_grid(sd, _MeanRGB(), interpolation="cubic")
     assert "X_MeanRGB" not in sd.tables["table"].obsm
+
+
+def test_nodes_beyond_the_image_edge_are_moved_onto_it():
+    # 8 µm bins up to the image edge: the node one stride beyond the last bins lies off the image
+    sd = si.datasets.synthetic(40 * 40, 5, pitch_um=8, spot_diameter_um=8, mpp=1.0, seed=0)
+    t = sd.tables["table"]
+    img = sd.images["S0_full_image"]
+    h, w = (img["scale0"]["image"] if hasattr(img, "keys") else img).shape[1:]
+    stride = 56.0
+    assert (np.ceil(t.obsm["spatial"].max(0) / stride) * stride >= [w, h]).any()  # some node falls off the image
+    kw = {"patch_px": 16, "accelerator": "cpu", "cache": False, "progress": False}
+    si.pp.embed_grid(sd, _MeanRGB(), stride_um=stride, patch_um=112, key_added="X_grid", **kw)
+    f = t.obsm["X_grid"]
+    assert f.shape == (t.n_obs, 12) and np.isfinite(f).all()

@@ -13,6 +13,7 @@ The mission on real data, offline, on a CPU in minutes (HER2ST, Andersson et al.
 
   1. read the sections (legacy ST, 100 µm spots) from STIMG_DATA_DIR / --datadir; tissue QC,
   2. embed a 112 µm patch per spot with the offline ImageNet EfficientNet-Lite0 (features cached),
+     and add each spot's neighbours' mean within --context-um µm (spatial context),
   3. choose --n-genes highly variable genes on the training sections only,
   4. ridge baseline and a negative-binomial deep ensemble (--members), side by side on the test section,
   5. aleatoric and epistemic uncertainty maps; 80/90/95 % count intervals before and after conformal
@@ -36,6 +37,9 @@ def _demo_parser(sub) -> None:
     d.add_argument("--patch-um", type=float, default=112.0, help="patch side in µm (default: %(default)s)")
     d.add_argument("--patch-px", type=int, default=None,
                    help="patch side in pixels fed to the encoder (default: the encoder's input, 224)")
+    d.add_argument("--context-um", type=float, default=500.0,
+                   help="spatial context: each spot's features plus its neighbours' mean within this radius in µm "
+                        "(si.pp.spatial_context); 0 uses the spot's own features only (default: %(default)s)")
     d.add_argument("--min-tissue", type=float, default=0.5,
                    help="minimum tissue fraction under a spot, 0 disables QC (default: %(default)s)")
     d.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.25],

@@ -63,6 +63,8 @@ def _check_args(args: argparse.Namespace) -> tuple[list[str], str] | str:
         return "need at least one training section besides the test section."
     if args.n_genes < 1:
         return "--n-genes must be ≥ 1."
+    if args.context_um < 0:
+        return "--context-um must be ≥ 0 (0 disables spatial context)."
     if args.members < 2:
         return "--members must be ≥ 2 (an ensemble needs two members for epistemic uncertainty)."
     if len(train) < 2:
@@ -92,7 +94,7 @@ def demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "feature_cache"
-    weights = {"read": 10, "tissue QC": 1, "embed": 50, "genes": 2, "ridge": 2, "NB ensemble": 5,  # ≈ CPU shares
+    weights = {"read": 10, "tissue QC": 1, "embed": 50, "context": 1, "genes": 2, "ridge": 2, "NB ensemble": 5,  # ≈ CPU shares
                "conformal calibration": 12, "predict": 4, "active sampling": 0 if args.no_sampling else 8,
                "figures": 6, "report": 1}
     steps = _Steps(weights, show=not args.no_progress)
@@ -110,6 +112,10 @@ def demo(args: argparse.Namespace) -> int:
             si.pp.embed(sdata, args.encoder, patch_um=args.patch_um, patch_px=args.patch_px,
                         batch_size=args.batch_size, cache_dir=cache_dir, progress=False)
             key = f"X_{args.encoder}"
+        if args.context_um > 0:
+            with steps("context"):
+                si.pp.spatial_context(sdata, key, radius_um=args.context_um, method="concat", n_jobs=1)
+                key = f"{key}_context"
         # what follows works on small matrices: one thread is faster and, on shared cores, far cheaper
         limits.enter_context(torch_threads(0))
         with steps("genes"):
@@ -136,7 +142,11 @@ def demo(args: argparse.Namespace) -> int:
             res["coverage"], res["per_gene_coverage"], res["spearman"] = _coverage(si, table, ens, test_mask, genes)
         if not args.no_sampling:
             with steps("active sampling"):
-                res["sampling"], res["sampled"] = _sampling(si, sdata, table, train_mask, test, genes, key, args)
+                verbosity, si.settings.verbosity = si.settings.verbosity, min(si.settings.verbosity, 1)
+                try:  # 18 samplings × (sample, fit, predict): their log lines would bury the run; the table follows
+                    res["sampling"], res["sampled"] = _sampling(si, sdata, table, train_mask, test, genes, key, args)
+                finally:
+                    si.settings.verbosity = verbosity
         with steps("figures"):
             res["figures"] = _figures(si, sdata, table, res, genes, test_mask, out, args)
         with steps("report"):
@@ -334,14 +344,17 @@ def _n_cpus() -> int:
 def _summary(res, args, table, key, report: Path) -> str:
     test, train = res["test"], res["train"]
     m = res["metrics"].pivot_table(index="metric", columns="model", values="value", sort=False)
-    p = table.uns[key]["params"]
+    p = table.uns[f"X_{args.encoder}"]["params"]
+    context = (f"; spatial context: own features + neighbours' mean within {args.context_um:g} µm "
+               f"({table.obsm[key].shape[1]}-d, si.pp.spatial_context)" if args.context_um > 0 else "; no spatial context")
     lines = [
         "",
         f"stimg demo — HER2ST, train {', '.join(train)} → test {test}",
         f"  spots: {res['n_read']} read, {table.n_obs} after tissue QC (≥ {args.min_tissue:.0%}); "
         f"test spots {int((table.obs['library_id'].astype(str) == test).sum())}",
-        f"  encoder: {args.encoder}, {args.patch_um:g} µm patches of {p['patch_px']} px, {table.obsm[key].shape[1]}-d "
-        f"({p['n_from_cache']} spots from cache)",
+        f"  encoder: {args.encoder}, {args.patch_um:g} µm patches of {p['patch_px']} px, "
+        f"{table.obsm[f'X_{args.encoder}'].shape[1]}-d "
+        f"({p['n_from_cache']} spots from cache){context}",
         f"  ridge: {res['ridge_desc']}; NB ensemble: {args.members} members "
         f"(epochs {res['epochs']}); {args.n_genes} HVGs chosen on the training sections",
         "",

@@ -25,7 +25,9 @@ def write_report(res: dict[str, Any], out: Path, args: argparse.Namespace, files
     lines = [
         f"# stimg demo: HER2ST, train {', '.join(train)} → test {test}",
         "",
-        f"stimg {si.__version__}, {args.encoder} features of {args.patch_um:g} µm patches, {args.n_genes} highly "
+        f"stimg {si.__version__}, {args.encoder} features of {args.patch_um:g} µm patches"
+        + (f" plus their neighbours' mean within {args.context_um:g} µm (`si.pp.spatial_context`)"
+           if args.context_um > 0 else "") + f", {args.n_genes} highly "
         f"variable genes chosen on the training sections, NB ensemble of {args.members} members. "
         f"Wall time {res['wall']:.0f} s (CPU time {res['cpu']:.0f} s) on {os.cpu_count()} CPU cores "
         f"({platform.machine()}).",
@@ -96,5 +98,6 @@ def _argv(args: argparse.Namespace) -> list[str]:
     out = ["--sections", *args.sections]
     if args.test_section:
         out += ["--test-section", args.test_section]
-    out += ["--n-genes", str(args.n_genes), "--members", str(args.members), "--out", str(args.out)]
+    out += ["--n-genes", str(args.n_genes), "--members", str(args.members), "--context-um", f"{args.context_um:g}",
+            "--out", str(args.out)]
     return out

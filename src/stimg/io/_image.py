@@ -64,7 +64,7 @@ def read_image(image: str | os.PathLike | np.ndarray) -> np.ndarray:
 
         try:
             with _allow_large_images(), Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # no extra copy when RGB
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             msg = f"Could not read image {str(path)!r} ({e}). Pass a JPEG/PNG/TIFF file or an RGB array."
             raise ValueError(msg) from e

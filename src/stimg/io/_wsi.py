@@ -170,6 +170,9 @@ def read_wsi(
     from spatialdata.transformations._utils import _set_transformations
 
     p = Path(path).expanduser()
+    if p.is_dir():
+        msg = f"{str(p)!r} is a directory; pass the slide file itself (e.g. .svs, .ndpi, .tif)."
+        raise ValueError(msg)
     if not p.is_file():
         msg = f"Slide file {str(p)!r} does not exist; check the path."
         raise FileNotFoundError(msg)

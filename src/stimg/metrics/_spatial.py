@@ -44,8 +44,8 @@ def morans_i(
 ) -> pd.DataFrame:
     """Moran's I of truth and prediction per gene and slide (:func:`squidpy.gr.spatial_autocorr`).
 
-    Each slide gets its own k-nearest-neighbour graph (:func:`squidpy.gr.spatial_neighbors`,
-    ``coord_type='generic'``), so spots of different slides are never neighbours. A prediction
+    Each slide gets its own k-nearest-neighbour graph (:func:`squidpy.gr.spatial_neighbors_knn`),
+    so spots of different slides are never neighbours. A prediction
     with a Moran's I close to that of the truth reproduces the gene's spatial structure.
 
     Parameters
@@ -96,7 +96,7 @@ def morans_i(
             ad = AnnData(X=y.astype(np.float64), var=var)
             ad.obsm["spatial"] = xy[m]
             with quiet_loggers("spatialdata._logging", "squidpy"):
-                sq.gr.spatial_neighbors(ad, coord_type="generic", n_neighs=n_neighs)
+                sq.gr.spatial_neighbors_knn(ad, n_neighs=n_neighs)
             const = np.ptp(y, axis=0) <= 1e-12
             df = sq.gr.spatial_autocorr(ad, mode="moran", genes=list(var.index), n_perms=None,
                                         copy=True, show_progress_bar=False)

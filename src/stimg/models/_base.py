@@ -94,7 +94,8 @@ def resolve_train_indices(adata: Any, train_indices: Any, *, name: str = "train_
                 raise ValueError(msg)
             rows = np.unique(rows)
     if rows.size == 0:
-        msg = f"{name} selects no spot; select at least one spot to train on."
+        msg = ("the table has no spots to train on; check the filtering that produced it." if n == 0 else
+               f"{name} selects no spot; select at least one spot to train on.")
         raise ValueError(msg)
     return rows
 

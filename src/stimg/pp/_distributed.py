@@ -3,9 +3,10 @@
 The driver only plans: it splits the spots still to embed into chunks of whole batches (in the
 order the single-process path batches them, so every patch meets the same batch-mates and the
 features are bit-identical at equal threads per process), and submits one task per chunk. Each
-task gets the spots' centres and a *lazy* reference to their section images; it cuts the patches
-and runs the encoder in the worker. Images on disk (zarr-backed SpatialData, WSIs opened lazily)
-are read only in the workers; the driver never holds pixels, only the returned features.
+task gets the spots' centres and a *lazy* reference to their section images; in the worker it
+reads each image chunk its patch windows touch once, cuts the patches and runs the encoder. Images
+on disk (zarr-backed SpatialData, WSIs opened lazily) are read only in the workers; the driver never
+holds pixels, only the returned features.
 """
 
 from __future__ import annotations
@@ -70,9 +71,20 @@ def _embed_task(pieces: list[Section], encoder: Any, build: tuple | None, images
         local.append(dataclasses.replace(p, obs_index=np.arange(n, n + p.n_obs), image=image))
         n += p.n_obs
     with dask.config.set(scheduler="synchronous"):  # lazy image reads happen here, in this worker
+        local = [dataclasses.replace(p, image=_prefetch(p, patch_um)) for p in local]
         ds = PatchDataset(local, np.arange(n).astype(str), patch_um=patch_um, patch_px=patch_px, stain=stain)
         return run_encoder(encoder, ds, batch_size=batch_size, num_workers=0, device=device,
                            amp_dtype=_amp_dtype(device, amp), progress=False)
+
+
+def _prefetch(section: Section, patch_um: float) -> Any:
+    """The image chunks this task's patch windows touch, each read once (in-memory images pass through)."""
+    from ._patch_dataset import _InMemoryChunks
+
+    arr = section.image_array()
+    if _in_memory(arr) or not hasattr(arr, "blocks"):
+        return section.image
+    return _InMemoryChunks.read_windows(arr, section.xy, max(1, int(np.rint(patch_um / section.mpp))))
 
 
 def embed_distributed(client: Any, todo: list[Section], *, encoder: Any, build: tuple | None, patch_um: float,

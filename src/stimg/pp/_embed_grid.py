@@ -13,7 +13,7 @@ from anndata import AnnData
 from .._constants import INSTANCE_KEY, LIBRARY_KEY, REGION_KEY, SPATIAL_KEY, TABLE_KEY
 from .._docs import d
 from .._logging import log_added, logger
-from .._spatial import get_table, is_spatialdata, native_units
+from .._spatial import get_table, is_spatialdata, native_units, sections
 
 
 def _nearest(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +105,9 @@ def embed_grid(
         msg = f"stride_um must be in (0, patch_um={patch_um}] so that patches cover the tissue, got {stride_um!r}."
         raise ValueError(msg)
     table = get_table(data, table_key)
+    if table.n_obs == 0:
+        msg = "The table has no spots to embed; check the filtering that produced it."
+        raise ValueError(msg)
     units = native_units(data, table, library_key)
 
     weights, node_xy, node_lib, offset = [], [], [], 0
@@ -120,6 +123,9 @@ def embed_grid(
     n_nodes = offset
     node_xy_all = np.concatenate(node_xy)
     grid = _grid_data(data, table, units, node_xy_all, np.asarray(node_lib), table_key)
+    clipped = _inside_images(grid, node_xy_all, embed_kwargs.get("image_key"))
+    if clipped is not None:  # nodes beyond the image edge moved onto it (their patch is padded as any edge patch)
+        grid = _grid_data(data, table, units, clipped, np.asarray(node_lib), table_key)
     embed(grid, model, patch_um=patch_um, key_added="X_grid", inplace=True, **embed_kwargs)
     gt = get_table(grid)
     node_feats = np.asarray(gt.obsm["X_grid"], dtype=np.float32)
@@ -137,6 +143,31 @@ def embed_grid(
                                        "n_patches": int(n_nodes), "n_units": int(table.n_obs)}}
     log_added("obsm", key_added, start)
     return None
+
+
+def _inside_images(grid: Any, node_xy: np.ndarray, image_key: Any) -> np.ndarray | None:
+    """Node centres clipped to their section image (in the image's pixel frame), or ``None`` if all lie on it.
+
+    A unit near the tissue edge interpolates from a node up to one stride beyond it, which can fall
+    just outside the image. The native → image-pixel map is affine (scale and offset), so it is fitted
+    on the nodes, the off-image nodes are clipped in pixels and mapped back.
+    """
+    out, moved = node_xy.astype(np.float64), False
+    for s in sections(grid, table_key=TABLE_KEY, image_key=image_key):
+        if s.image is None:
+            continue
+        _, h, w = s.image.shape
+        dst = np.asarray(s.xy[:, :2], dtype=np.float64)
+        off = (dst < 0).any(1) | (dst[:, 0] > w - 1) | (dst[:, 1] > h - 1)
+        if not off.any():
+            continue
+        rows = np.asarray(s.obs_index)
+        src = np.c_[node_xy[rows, :2], np.ones(len(rows))]
+        aff, *_ = np.linalg.lstsq(src, dst, rcond=None)  # (3, 2): dst = [x, y, 1] @ aff
+        inside = np.clip(dst[off], 1e-3, [w - 1 - 1e-3, h - 1 - 1e-3])  # a hair inside: the round trip is not exact
+        out[rows[off], :2] = np.linalg.solve(aff[:2].T, (inside - aff[2]).T).T
+        moved = True
+    return out if moved else None
 
 
 def _grid_data(data: Any, table: AnnData, units, node_xy: np.ndarray, node_lib: np.ndarray, table_key: str):

@@ -44,6 +44,34 @@ class _InMemoryChunks:
         bounds = [np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[1:]]
         return cls(blocks, bounds, tuple(arr.shape), arr.dtype)
 
+    @classmethod
+    def read_windows(cls, arr, xy: np.ndarray, window_px: int) -> _InMemoryChunks:
+        """Read, once each, only the chunks of lazy ``arr`` that square windows of ``window_px`` around ``xy`` touch.
+
+        The windows are placed as :meth:`PatchDataset.window` places them, so every crop of these
+        spots reads from the returned chunks; chunks no window touches are never read.
+        """
+        import dask
+
+        if arr.numblocks[0] != 1:
+            arr = arr.rechunk({0: -1})
+        _, h, w = arr.shape
+        by, bx = (np.concatenate([[0], np.cumsum(c)]) for c in arr.chunks[1:])
+        xy = np.asarray(xy, dtype=np.float64)
+        x0 = np.floor(xy[:, 0] - window_px / 2 + 0.5).astype(int)
+        y0 = np.floor(xy[:, 1] - window_px / 2 + 0.5).astype(int)
+        need: set[tuple[int, int]] = set()
+        for xa, ya in zip(x0, y0, strict=True):
+            xs, ys = (max(xa, 0), min(xa + window_px, w)), (max(ya, 0), min(ya + window_px, h))
+            if xs[0] >= xs[1] or ys[0] >= ys[1]:
+                continue  # entirely off the image: padding only
+            rows = range(np.searchsorted(by, ys[0], "right") - 1, np.searchsorted(by, ys[1], "left"))
+            cols = range(np.searchsorted(bx, xs[0], "right") - 1, np.searchsorted(bx, xs[1], "left"))
+            need.update((i, j) for i in rows for j in cols)
+        keys = sorted(need)
+        blocks = dask.compute(*[arr.blocks[0, i, j] for i, j in keys])
+        return cls(dict(zip(keys, blocks, strict=True)), [by, bx], tuple(arr.shape), arr.dtype)
+
     def __getitem__(self, key) -> np.ndarray:
         _, ys, xs = key
         out = np.empty((self.shape[0], ys.stop - ys.start, xs.stop - xs.start), self.dtype)
@@ -107,7 +135,10 @@ class PatchDataset(Dataset):
         for s in sections:
             arr = s.image_array()
             nbytes = int(np.prod(arr.shape)) * np.dtype(arr.dtype).itemsize
-            chunks = None if isinstance(arr, np.ndarray) else _InMemoryChunks.from_dask(arr)
+            if isinstance(arr, _InMemoryChunks):  # chunks already read (e.g. by a dask task)
+                chunks = arr
+            else:
+                chunks = None if isinstance(arr, np.ndarray) else _InMemoryChunks.from_dask(arr)
             if chunks is not None:
                 arr = chunks  # already in memory: read windows from its chunks, no copy
             elif not isinstance(arr, np.ndarray) and nbytes <= budget:

@@ -129,7 +129,7 @@ def pseudo_spots(
         raise ValueError(msg)
     table = get_table(data, table_key)
     if table.n_obs == 0:
-        msg = "The table has no units to aggregate."
+        msg = "The table has no units to aggregate (n_obs == 0); check the filtering that produced it."
         raise ValueError(msg)
     key_added = key_added or f"pseudo_{shape}_{size:g}um"
     X = table.X if layer is None else table.layers[layer] if layer in table.layers else None

@@ -246,7 +246,7 @@ def active_sample(
     table = get_table(data, table_key)
     n = table.n_obs
     if n == 0:
-        msg = "The table has no spots."
+        msg = "The table has no spots (n_obs == 0); check the filtering that produced it."
         raise ValueError(msg)
     assert_key_in(table.obsm, spatial_key, where="table.obsm", hint="Spot coordinates are needed (read with si.io).")
     xy_raw = check_matrix(np.asarray(table.obsm[spatial_key])[:, :2], f"obsm[{spatial_key!r}]", n_obs=n)

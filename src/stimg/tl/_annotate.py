@@ -310,7 +310,7 @@ def annotate(
         msg = f"n_new must be a positive whole number of spots, got {n_new!r}."
         raise ValueError(msg)
     if table.n_obs == 0:
-        msg = "The table has no spots."
+        msg = "The table has no spots (n_obs == 0); check the filtering that produced it."
         raise ValueError(msg)
     _check_outputs(table, key_added, to_label_key, labels_key)
     labels = _labels(table, labels_key, allow_missing_column=True)

@@ -49,6 +49,8 @@ def _resolve_spots(table, spots) -> np.ndarray:
             rows = np.where(rows < 0, rows + n, rows)
         else:
             names = pd.Index(arr.astype(str))
+            if not table.obs_names.is_unique:
+                _refuse_duplicate_names(table)
             pos = table.obs_names.get_indexer(names)
             if (pos < 0).any():
                 bad = list(names[pos < 0][:3])
@@ -60,7 +62,16 @@ def _resolve_spots(table, spots) -> np.ndarray:
     if rows.size == 0:
         msg = "spots selects no spot; pass at least one obs name, position or a non-empty mask."
         raise ValueError(msg)
+    if not table.obs_names.is_unique and table.obs_names.duplicated(keep=False)[rows].any():
+        _refuse_duplicate_names(table)
     return rows
+
+
+def _refuse_duplicate_names(table) -> None:
+    dup = list(table.obs_names[table.obs_names.duplicated()].unique()[:3])
+    msg = (f"table.obs_names occur more than once (e.g. {dup}) and explanations are stored by spot name; run "
+           "adata.obs_names_make_unique() first.")
+    raise ValueError(msg)
 
 
 def _hide_color(patch: np.ndarray, labels: np.ndarray, hide_color) -> np.ndarray:

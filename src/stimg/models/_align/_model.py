@@ -19,6 +19,7 @@ from ..._logging import logger
 from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._spatial import get_table
+from ..._utils import warn
 from ..._validate import assert_key_in, check_matrix, check_nonempty
 from .._base import (
     ModelIO,
@@ -678,11 +679,14 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         if weighting not in WEIGHTINGS:
             msg = f"weighting must be one of {sorted(WEIGHTINGS)}, got {weighting!r}."
             raise ValueError(msg)
-        if int(k) < 1:
-            msg = f"k must be ≥ 1, got {k!r}."
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            msg = f"k must be a whole number ≥ 1 of reference spots to retrieve, got {k!r}."
             raise ValueError(msg)
         z = self._image_embedding(self._data(adata), table_key)
         bank, profiles, names = self._reference_bank(reference, genes, layer)
+        if k > bank.shape[0]:
+            warn(f"k={k} exceeds the {bank.shape[0]} reference spots; all {bank.shape[0]} are retrieved. Pass a "
+                 "smaller k or a larger reference.")
         idx, sim = retrieve_topk(z, bank, int(k))
         w = WEIGHTINGS[weighting](sim.astype(np.float64), 1.0 / self.temperature)
         mean = np.einsum("nk,nkg->ng", w, profiles[idx].astype(np.float64))

@@ -246,7 +246,8 @@ class RewardState:
         Likewise for the image-coverage term ``R_img``.
     pair_sample
         Above this many committed samples in a section, distances from a candidate to them are
-        summed over a random subset of this size and scaled up (``D_disp`` estimate).
+        summed over a random subset of this size and scaled up (``D_disp`` estimate); likewise
+        the distances within a candidate batch larger than this.
     seed
         Seed of that subset.
     """
@@ -328,9 +329,21 @@ class RewardState:
             new = self.xy[idx[gi == s]]
             old = self._committed_sample(s)
             scale = self.count[s] / max(len(old), 1)
-            ps[s] += 2.0 * scale * _pair_sum(new, old) + _pair_sum(new, new)
+            ps[s] += 2.0 * scale * _pair_sum(new, old) + self._within_sum(new, s)
             cnt[s] += len(new)
         return hit, tc, near, ps, cnt, near_img
+
+    def _within_sum(self, new: np.ndarray, s: int) -> float:
+        """Σ_ij ‖new_i − new_j‖, estimated from ``pair_sample`` rows of ``new`` when the batch is larger.
+
+        Exact below ``pair_sample`` points; above, ``k·m`` instead of ``k²`` distances (a batch is
+        ``budget / n_rounds`` spots, so the exact sum grew with the square of the number of spots).
+        """
+        m = self.pair_sample
+        if m is None or len(new) <= m:
+            return _pair_sum(new, new)
+        rows = np.random.default_rng([self.seed, s, len(new), 2]).choice(len(new), m, replace=False)
+        return _pair_sum(new[rows], new) * (len(new) / m)
 
     def _committed_sample(self, s: int) -> np.ndarray:
         """Committed points of section ``s``, or a fixed random ``pair_sample`` of them (cached per state)."""
