@@ -179,12 +179,18 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
     p.add_argument("--selections", type=Path, default=HERE / "results" / "her2st_sampling_selections.csv",
                    help="spots chosen per fold/sampler/budget/seed, reused by later runs (delete rows of a "
                         "sampler whose code changed)")
-    p.add_argument("--order", choices=["fold", "sampler"], default="fold",
-                   help="loop folds then samplers (default) or samplers then folds")
+    p.add_argument("--order", choices=["fold", "sampler", "seed"], default="fold",
+                   help="loop folds then samplers (default), samplers then folds, or seeds then folds then "
+                        "samplers (an interrupted run then holds every sampler and fold, with fewer seeds)")
     p.add_argument("--summary", action="store_true", help="only print the tables of --out")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="with --summary: also write the tables of --out as markdown to this file")
     a = p.parse_args()
     if a.summary:
-        summarize(pd.read_csv(a.out))
+        df = pd.read_csv(a.out)
+        summarize(df)
+        if a.markdown is not None:
+            a.markdown.write_text(markdown(df))
         return
     _threads()
     import _protocol as P
@@ -244,11 +250,15 @@ def main() -> None:  # noqa: C901, PLR0912, PLR0915 - one linear script
             cache[fold.name] = (gene_sets, adata[d0.train].copy(), adata[d0.test].copy())
         return cache[fold.name]
 
-    order = ([(f, s) for f in folds for s in a.samplers] if a.order == "fold"
-             else [(f, s) for s in a.samplers for f in folds])
-    for fold, name in order:
+    if a.order == "seed":
+        order = [(f, s, [seed]) for seed in a.seeds for f in folds for s in a.samplers]
+    elif a.order == "fold":
+        order = [(f, s, a.seeds) for f in folds for s in a.samplers]
+    else:
+        order = [(f, s, a.seeds) for s in a.samplers for f in folds]
+    for fold, name, seeds in order:
         method, kw0 = SAMPLERS[name]
-        for seed in a.seeds:
+        for seed in seeds:
             for budget in a.budgets:
                 jobs = [(m, g) for m in a.models for g in a.genes if m == "ridge" or g in a.nb_genes]
                 todo = [(m, g) for m, g in jobs if key(fold.name, name, budget, seed, m, g) not in done]
@@ -305,6 +315,56 @@ def summarize(df: pd.DataFrame, *, metric: str = "pcc") -> pd.DataFrame:
     with pd.option_context("display.width", 250, "display.max_rows", 500):
         print(out.unstack(["group", "budget"]).to_string())
     return tab
+
+
+def held_out(df: pd.DataFrame, *, metric: str = "pcc") -> pd.DataFrame:
+    """Per model/genes/sampler/budget: mean ± sd over seeds of C LOSO (mean of its folds), C→A1 and their mean.
+
+    ``held-out`` is, per seed, the mean of the two groups (C LOSO's five folds count as one group, so
+    the other patient weighs as much as patient C), then mean ± sd over seeds. Only seeds with every
+    fold of both groups count.
+    """
+    sub = df[df["metric"] == metric].copy()
+    sub["group"] = np.where(sub["fold"].str.startswith("C LOSO"), "C LOSO", sub["fold"])
+    keys = ["model", "genes", "sampler", "budget", "seed"]
+    n_folds = sub.groupby(keys)["fold"].nunique()
+    per = sub.groupby([*keys, "group"])["value"].mean().unstack("group").reindex(columns=["C LOSO", "C→A1"])
+    per = per[n_folds.reindex(per.index) == 6]
+    per["held-out"] = per[["C LOSO", "C→A1"]].mean(1)
+    g = per.groupby(["model", "genes", "sampler", "budget"])
+    out = {}
+    for col in ["C LOSO", "C→A1", "held-out"]:
+        out[(col, "mean")] = g[col].mean()
+        out[(col, "sd")] = g[col].std(ddof=1)
+    out[("n_seeds", "")] = g.size()
+    return pd.DataFrame(out)
+
+
+def markdown(df: pd.DataFrame, *, metric: str = "pcc") -> str:
+    """Markdown tables (one per downstream model × gene set): sampler × budget, C LOSO / C→A1 / held-out."""
+    tab = held_out(df, metric=metric)
+    lines = []
+    for (model, genes), t in tab.groupby(level=["model", "genes"]):
+        t = t.droplevel(["model", "genes"])
+        budgets = sorted(t.index.get_level_values("budget").unique())
+        lines += [f"### {model}, {genes} ({metric}, mean ± sd over seeds)", "",
+                  "| sampler | " + " | ".join(f"{c} {b:.0%}" for c in ["C LOSO", "C→A1", "held-out"]
+                                               for b in budgets) + " | seeds |",
+                  "|---|" + "---|" * (3 * len(budgets) + 1)]
+        order = t[("held-out", "mean")].groupby(level="sampler").mean().sort_values(ascending=False).index
+        for smp in order:
+            cells = []
+            for c in ["C LOSO", "C→A1", "held-out"]:
+                for b in budgets:
+                    if (smp, b) in t.index:
+                        m, sd = t.loc[(smp, b), (c, "mean")], t.loc[(smp, b), (c, "sd")]
+                        cells.append(f"{m:.3f} ± {sd:.3f}")
+                    else:
+                        cells.append("—")
+            n = t.loc[smp, ("n_seeds", "")].min()
+            lines.append(f"| {smp} | " + " | ".join(cells) + f" | {n} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
