@@ -166,6 +166,11 @@ def active_sample(
     vs 0.058), needs only the image and is about 100 times faster. SCRL with its defaults (0.145)
     and random (0.141) trail.
 
+    **Cost.** k-means fits ``budget`` clusters, so its cost grows with spots × budget: about 30 s
+    for a 10 percent budget of 100k spots on 2 cores, impractical for a 10 percent budget of a
+    million Visium HD bins or Xenium cells. There, sample pseudo-spots (:func:`stimg.pp.pseudo_spots`),
+    choose smaller batches, or use ``'scrl'``, ``'grid'`` or ``'random'``, whose cost is linear in spots.
+
     **Modes.** ``'simulate'`` (benchmarking): every spot's expression is in the table but a sampler
     reads it only for spots it has chosen. ``'propose'`` (a lab's workflow): ``sampled_key`` marks
     the spots measured so far (their raw counts in ``X``/``layer``; other spots' values are never
