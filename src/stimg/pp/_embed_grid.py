@@ -14,6 +14,7 @@ from .._constants import INSTANCE_KEY, LIBRARY_KEY, REGION_KEY, SPATIAL_KEY, TAB
 from .._docs import d
 from .._logging import log_added, logger
 from .._spatial import get_table, is_spatialdata, native_units, sections
+from ._patches import check_spots_on_image
 
 
 def _nearest(xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,6 +110,9 @@ def embed_grid(
         msg = "The table has no spots to embed; check the filtering that produced it."
         raise ValueError(msg)
     units = native_units(data, table, library_key)
+    # the units themselves must lie on their images (only grid nodes past the edge are moved onto it)
+    check_spots_on_image(sections(data, table_key=table_key, library_key=library_key,
+                                  image_key=embed_kwargs.get("image_key")))
 
     weights, node_xy, node_lib, offset = [], [], [], 0
     for u in units:
