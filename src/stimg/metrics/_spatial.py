@@ -76,8 +76,13 @@ def morans_i(
     >>> bool(df["I_true"].iloc[0] > 0.5)
     True
     """
-    import squidpy as sq
+    import warnings
+
     from anndata import AnnData
+
+    with warnings.catch_warnings():  # squidpy's docrep decorators warn "'n_jobs' is not a valid key!" on import
+        warnings.simplefilter("ignore", SyntaxWarning)
+        import squidpy as sq
 
     yt, yp, g, names = _prepare(y_true, y_pred, groups, var_names)
     xy = _coords(spatial, yt.shape[0], "spatial")
