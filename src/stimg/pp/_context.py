@@ -294,10 +294,8 @@ def spatial_context(
     if key_added == embedding_key:
         msg = f"key_added must differ from embedding_key ({embedding_key!r}); the source features would be lost."
         raise ValueError(msg)
-    if inplace and key_added in table.obsm and not _written_here(table, key_added):
-        msg = (f"table.obsm[{key_added!r}] exists and was not written by spatial_context; pass another key_added "
-               "or delete it first.")
-        raise ValueError(msg)
+    if inplace:
+        _refuse_foreign_key(table, key_added, "spatial_context")
     x = check_matrix(table.obsm[embedding_key], f"table.obsm[{embedding_key!r}]", n_obs=table.n_obs)
     x = x.astype(np.float32, copy=False)
     lib_key, _ = library_column(table, library_key)
@@ -351,6 +349,13 @@ def spatial_context(
 def _written_here(table, key: str) -> bool:
     return _has_params(table, key) and table.uns[key]["params"].get("function") in ("spatial_context",
                                                                                     "combine_features")
+
+
+def _refuse_foreign_key(table, key: str, writer: str) -> None:
+    """Raise when ``table.obsm[key]`` exists but was not written by the context helpers (never overwrite it)."""
+    if key in table.obsm and not _written_here(table, key):
+        msg = f"table.obsm[{key!r}] exists and was not written by {writer}; pass another key_added or delete it first."
+        raise ValueError(msg)
 
 
 @d.dedent
@@ -410,10 +415,8 @@ def combine_features(
     if key_added in keys:
         msg = f"key_added ({key_added!r}) must not be one of the combined keys."
         raise ValueError(msg)
-    if inplace and key_added in table.obsm and not _written_here(table, key_added):
-        msg = (f"table.obsm[{key_added!r}] exists and was not written by stimg's feature helpers; pass another "
-               "key_added or delete it first.")
-        raise ValueError(msg)
+    if inplace:
+        _refuse_foreign_key(table, key_added, "stimg's feature helpers")
     blocks, scales = [], []
     for k in keys:
         b = check_matrix(table.obsm[k], f"table.obsm[{k!r}]", n_obs=table.n_obs).astype(np.float32)
