@@ -51,6 +51,23 @@ def test_least_confidence_is_diverse_within_the_uncertain_pool():
     assert sorted(np.asarray(div) >= 200) == [False, True]
 
 
+
+def test_small_pool_falls_back_to_the_most_uncertain_and_pool_factor_forces_clustering():
+    rng = np.random.default_rng(3)
+    n = 200  # at most 20 · n_new unlabelled: the top 5 % (10 spots) is smaller than n_new
+    feats = np.r_[rng.normal(0, 0.05, (100, 2)), rng.normal(5, 0.05, (100, 2))]
+    conf = np.full(n, 0.95)
+    conf[:12] = np.linspace(0.5, 0.6, 12)  # the 12 most uncertain spots sit in group A
+    conf[100:112] = 0.7  # group B: the next most uncertain
+    ctx = SelectionContext(np.arange(n), np.c_[conf, 1 - conf], feats)
+    default = si.tl._annotation_rules.get_rule("least_confidence")[1]
+    got = default.select(ctx, 12, np.random.default_rng(0))
+    assert sorted(got.tolist()) == list(range(12))  # exactly the 12 most uncertain, no clustering
+    wide = UncertaintyRule(least_confidence, pool_factor=2).select(ctx, 12, np.random.default_rng(0))
+    assert (np.asarray(wide) >= 100).any() and (np.asarray(wide) < 100).any()  # pool of 24 spans both groups
+    with pytest.raises(ValueError, match="pool_factor"):
+        UncertaintyRule(least_confidence, pool_factor=0.5)
+
 def test_rules_only_choose_unlabelled_spots_and_registry_checks():
     p = np.random.default_rng(1).dirichlet([1, 1, 1], 100)
     cand = np.arange(50, 100)

@@ -229,7 +229,10 @@ def annotate(
        (class-weighted cross-entropy, weights recomputed from this round's labels; warm start
        from ``model``), predict every spot, and propose ``n_new`` unlabelled spots with ``rule``
        — by default least-confidence ``(1 − max p)·K/(K−1)``, the top 5 %% most uncertain
-       clustered by k-means in the model's latent space, the spot nearest each centroid.
+       clustered by k-means in the model's latent space, the spot nearest each centroid. On a
+       section with at most ``20 · n_new`` unlabelled spots the top 5 %% holds at most
+       ``n_new`` spots, and the ``n_new`` most uncertain ones are proposed (see
+       :class:`~stimg.tl.UncertaintyRule`).
 
     A missing value (``None``/``NaN``) in ``.obs[labels_key]`` marks an unlabelled spot. Labels
     read from Loupe Browser (:func:`stimg.io.read_loupe`) go straight into that column. With a
