@@ -88,13 +88,13 @@ class UncertaintyRule(AnnotationRule):
     The ``top_fraction`` most uncertain candidates — at least ``pool_factor · n_new`` of them —
     are clustered into ``n_new`` groups by k-means in ``ctx.features``; from each group the spot
     closest to its centroid is chosen (ActiveVisium §3.2, ``top_fraction = 0.05``). On the
-    paper's sections (3,000–6,000 spots) the top 5 % holds about 3–5 × ``n_new`` spots. When the
+    paper's sections (3,000–6,000 spots) the top 5 % holds about 2.5–5 × ``n_new`` spots. When the
     pool holds no more than ``n_new`` spots — with the defaults, whenever at most
     ``n_new / top_fraction`` (20 × ``n_new``) spots are unlabelled, e.g. every HER2ST section —
     there is nothing to cluster and the ``n_new`` most uncertain spots are taken.
     ``pool_factor > 1`` forces the clustering on such small sections; on HER2ST (A1 and C2–C6,
-    simulated) pools of 2–4 × ``n_new`` lowered the weighted F1 gained over random
-    (``benchmarks/results/annotation_her2st.md``), so the default is 1.
+    simulated) pools of 2–4 × ``n_new`` lowered the mean weighted-F1 gain over random, most on
+    A1 (``benchmarks/results/annotation_her2st.md``), so the default is 1.
 
     Parameters
     ----------
