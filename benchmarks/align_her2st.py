@@ -44,6 +44,13 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=None)
     ap.add_argument("--loss", default="clip")
     ap.add_argument("--dropout", type=float, default=0.5)
+    ap.add_argument("--context", type=float, default=0.0,
+                    help="image input = si.pp.spatial_context of the features at this radius in µm (0: the patch "
+                         "features alone)")
+    ap.add_argument("--n-latent", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=None, help="initial temperature (None: the loss default)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--folds", nargs="*", default=None, help="subset of fold names (default: all)")
     ap.add_argument("--no-baselines", action="store_true", help="skip ridge / NB ensemble")
     ap.add_argument("--no-silhouette", action="store_true", help="skip the batch silhouette (scib-metrics)")
@@ -55,6 +62,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     adata = load()
+    key = EMBED_KEY
+    if a.context:  # each spot's features + the mean of its neighbours' within `context` µm, per section
+        key = f"{EMBED_KEY}_context"
+        si.pp.spatial_context(adata, EMBED_KEY, radius_um=a.context, key_added=key)
     rows = []
     for fold in FOLDS:
         if a.folds and fold.name not in a.folds:
@@ -65,14 +76,16 @@ def main() -> None:
         is_train = np.isin(sub.obs["library_id"].astype(str).to_numpy(), fold.train)
         inputs = list(si.pp.select_genes(adata, a.n_input_genes, method="hvg", subset=list(fold.train), inplace=False))
         genes = list(dict.fromkeys([*d.genes, *inputs]))  # targets first, then further HVGs
-        si.models.ContrastiveAligner.setup_anndata(sub, EMBED_KEY, genes=genes)
+        si.models.ContrastiveAligner.setup_anndata(sub, key, genes=genes)
         test = sub[~is_train].copy()
         base = {"fold": fold.name, "kind": fold.kind, "n_train": int(is_train.sum()), "n_test": int((~is_train).sum()),
                 "n_input_genes": len(genes)}
         for seed in a.seeds:
             ts = time.perf_counter()
-            model = si.models.ContrastiveAligner(sub, loss=a.loss, dropout=a.dropout, seed=seed)
-            model.train(a.max_epochs, train_indices=is_train, accelerator="cpu", progress=False)
+            model = si.models.ContrastiveAligner(sub, loss=a.loss, dropout=a.dropout, n_latent=a.n_latent,
+                                                 temperature=a.temperature, seed=seed)
+            model.train(a.max_epochs, train_indices=is_train, accelerator="cpu", progress=False, lr=a.lr,
+                        batch_size=a.batch_size)
             train_s = time.perf_counter() - ts
             zi = model.get_latent_representation(test, modality="image")
             zg = model.get_latent_representation(test, modality="gene")
