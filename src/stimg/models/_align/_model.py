@@ -149,6 +149,13 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         Table of ``images`` when it is a SpatialData.
     encoder_kwargs
         Passed to :func:`stimg.encoders.get_encoder` (e.g. ``depth=2`` for a small test copy).
+    standardize
+        Scaling of the image features after centring them on the training spots: ``'isotropic'``
+        (default) divides every feature by one scale, their mean SD, which keeps the encoder's
+        geometry, so the smooth, low-variance neighbourhood block of
+        :func:`stimg.pp.spatial_context` is not blown up to the spread of the spot's own features
+        (as for :class:`~stimg.models.NBRegressor`); ``'per_feature'`` z-scores each feature.
+        Expression inputs are always z-scored.
 
     Attributes
     ----------
@@ -185,7 +192,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
                  image_encoder: str | torch.nn.Module | None = None, lora_rank: int = 8, lora_alpha: float = 16.0,
                  lora_targets: str | list[str] = DEFAULT_TARGETS, pretrained: bool = True, patch_um: float = 112.0,
                  patch_px: int | None = None, input_px: int | None = None, images: Any = None,
-                 table_key: str = TABLE_KEY, encoder_kwargs: dict[str, Any] | None = None) -> None:
+                 table_key: str = TABLE_KEY, encoder_kwargs: dict[str, Any] | None = None,
+                 standardize: str = "isotropic") -> None:
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
         gene = self.adata_manager.get_from_registry(ALIGN_KEYS.GENE)
@@ -217,7 +225,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         self.module_config_ = {
             "n_image": n_image, "n_gene": int(gene.shape[1]), "n_latent": int(n_latent),
             "image_hidden": image_hidden, "gene_hidden": gene_hidden, "dropout": float(dropout), "loss": loss,
-            "loss_kwargs": loss_kwargs,
+            "loss_kwargs": loss_kwargs, "standardize": standardize,
         }
         with torch.random.fork_rng():
             torch.manual_seed(self.seed_)
