@@ -106,6 +106,15 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     retrieval, through :func:`stimg.tl.predict_expression`. Plain BLEEP (retrieval only) is the
     configuration ``loss='clip'`` with ``predict(k=50, weighting='mean')`` (the defaults).
 
+    **Image input.** Any ``.obsm`` features work, but a spot's expression follows the tissue around
+    it: the features of :func:`stimg.pp.spatial_context` (the spot's own and the mean of its
+    neighbours' within 500 µm) align much better than the patch alone. On HER2ST
+    (``benchmarks/align_her2st.py``; EfficientNet-Lite0, C2–C6 held out in turn, 3 seeds), whole-section
+    recall@5 rose from 2.9–4.3× chance (image→gene) and 3.3–4.5× (gene→image) with the 112 µm patch
+    features and per-feature z-scores, to 4.2–6.5× and 3.9–6.1× with context features and the
+    default isotropic scaling (``standardize``); retrieval PCC rose from 0.283 to 0.338. Across
+    patients (C→A1) recall stays near chance either way (1.1–1.7×), while PCC rose from 0.053 to 0.071.
+
     Parameters
     ----------
     adata
@@ -174,7 +183,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     --------
     >>> import stimg as si
     >>> adata = si.datasets.synthetic(200, 30, image=False, as_anndata=True)
-    >>> si.models.ContrastiveAligner.setup_anndata(adata, embedding_key="X_synthetic", genes=adata.var_names)
+    >>> si.pp.spatial_context(adata, "X_synthetic", radius_um=500)  # + neighbours' mean within 500 µm
+    >>> si.models.ContrastiveAligner.setup_anndata(adata, embedding_key="X_synthetic_context", genes=adata.var_names)
     >>> model = si.models.ContrastiveAligner(adata, n_latent=16)
     >>> model.train(max_epochs=2, batch_size=64, progress=False)
     >>> si.tl.align(adata, model)
@@ -319,7 +329,9 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         adata
             Table with spots in rows, image features in ``.obsm`` and raw counts.
         embedding_key
-            ``.obsm`` key of the image features (e.g. ``'X_efficientnet_lite0'`` from :func:`stimg.pp.embed`);
+            ``.obsm`` key of the image features (e.g. ``'X_efficientnet_lite0'`` from :func:`stimg.pp.embed`,
+            or better its neighbourhood features ``'X_efficientnet_lite0_context'`` from
+            :func:`stimg.pp.spatial_context`);
             ``None`` for a model that fine-tunes its own image encoder (``image_encoder=``).
         genes
             Genes of the expression input and of retrieval predictions; ``None`` uses
