@@ -25,6 +25,9 @@ the held-out section**:
 Run:  OMP_NUM_THREADS=1 STIMG_DATA_DIR=/work/shared/data STIMG_BENCH_CACHE=/work/cache/bench_embed \\
       python benchmarks/align_her2st.py [--seeds 0 1 2] [--context 500]
 Writes benchmarks/results/align_her2st_context.json (``--context 0``: align_her2st.json) unless ``--out``.
+results/align_her2st.json (patch features, per-feature z-scores: the aligner's default before
+``standardize='isotropic'``) is reproduced by ``--context 0 --standardize per_feature``; C→A1 over ten seeds,
+both settings: ``--folds C→A1 --seeds 0 1 2 3 4 5 6 7 8 9`` (results/align_her2st_a1_10seeds_{patch,context}.json).
 """
 
 from __future__ import annotations
