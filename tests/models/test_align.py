@@ -151,6 +151,35 @@ def test_gene_latent_input(synth):
         m.predict(a[:10], reference=b)
 
 
+def test_spatial_context_input_and_image_scaling(synth, tmp_path):
+    """Spatial-context features as the image input: scaling rule, saved with the model, context checked on new data."""
+    a = synth
+    si.pp.spatial_context(a, "X_synthetic", radius_um=500, key_added="X_ctx")
+    x = a.obsm["X_ctx"].astype(np.float64)
+    si.models.ContrastiveAligner.setup_anndata(a, "X_ctx", genes=a.var_names)
+    iso = si.models.ContrastiveAligner(a, n_latent=8, image_hidden=16, gene_hidden=16, seed=0)
+    iso.train(2, batch_size=32, accelerator="cpu")
+    per = si.models.ContrastiveAligner(a, n_latent=8, image_hidden=16, gene_hidden=16, seed=0,
+                                       standardize="per_feature")
+    per.train(2, batch_size=32, accelerator="cpu")
+    # isotropic: one scale (the mean per-feature SD), so the smooth context block keeps its smaller spread
+    np.testing.assert_allclose(iso.module.image_std.numpy(), np.full(x.shape[1], x.std(0).mean()), rtol=1e-5)
+    np.testing.assert_allclose(per.module.image_std.numpy(), x.std(0), rtol=1e-4)
+    np.testing.assert_allclose(iso.module.image_mean.numpy(), x.mean(0), rtol=1e-4, atol=1e-5)
+    back = si.models.load_model(iso.save(tmp_path / "iso.stimg"))
+    assert back.module.standardize == "isotropic"
+    np.testing.assert_array_equal(back.predict(a, k=5).mean, iso.predict(a, k=5).mean)
+    # new data must carry context features derived the same way (radius), not just the same encoder
+    other = a.copy()
+    del other.obsm["X_ctx"], other.uns["X_ctx"]
+    si.pp.spatial_context(other, "X_synthetic", radius_um=250, key_added="X_ctx")
+    with pytest.raises(ValueError, match="derive it the same way"):
+        si.tl.retrieve(other, iso)
+    assert "si_pred" not in other.layers
+    with pytest.raises(ValueError, match="standardize must be one of"):
+        si.models.ContrastiveAligner(a, standardize="zscore")
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_errors_name_the_fix_and_write_nothing(synth):
     a = synth

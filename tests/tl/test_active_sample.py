@@ -333,3 +333,41 @@ def c2_lab(c2_sdata):
                   var=pd.DataFrame(index=table.var_names),
                   obsm={"spatial": np.asarray(table.obsm["spatial"]), "X_efficientnet_lite0": np.asarray(feats)})
     return lab, truth.astype(np.float32)
+
+
+def test_kmeans_two_level_matches_flat_coverage(monkeypatch):
+    """Large n × budget: two-level k-means picks ``budget`` distinct free spots that cover image space
+    about as well as flat k-means (mean distance of every spot to its nearest pick), far better than random."""
+    from scipy.spatial import cKDTree
+
+    from stimg.models._sampling import _baselines as b
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=4.0, size=(12, 2))
+    emb = (centres[rng.integers(0, 12, 6000)] + rng.normal(size=(6000, 2))).astype(np.float32)
+    exclude = np.arange(0, 6000, 7)
+    x = b._standardise_pca(emb, 50, 0)
+
+    def cover(idx):
+        return float(cKDTree(x[idx]).query(x)[0].mean())
+
+    flat = b.kmeans_select(emb, 150, np.random.default_rng(1), exclude=exclude)
+    monkeypatch.setattr(b, "FLAT_KMEANS_MAX_WORK", 1000)
+    calls = []
+    monkeypatch.setattr(b, "_two_level_select", lambda *a, f=b._two_level_select: calls.append(1) or f(*a))
+    two = b.kmeans_select(emb, 150, np.random.default_rng(1), exclude=exclude)
+    assert calls  # the two-level path ran
+    assert len(np.unique(two)) == 150 and not np.isin(two, exclude).any()
+    rand = rng.choice(np.setdiff1d(np.arange(6000), exclude), 150, replace=False)
+    assert cover(two) < 1.1 * cover(flat)
+    assert cover(two) < 0.85 * cover(rand)  # measured: flat 0.098, two-level 0.100, random 0.128–0.138
+
+
+def test_nearest_unique_crowded_centres():
+    """Many centres on one point: each gets the next-nearest free candidate (the search widens)."""
+    from stimg.models._sampling._baselines import _nearest_unique
+
+    x = np.arange(200, dtype=np.float64)[:, None] * np.array([[1.0, 0.0]])
+    candidates = np.arange(0, 200, 2)
+    picks = _nearest_unique(x, np.zeros((40, 2)), candidates)
+    assert picks == list(range(0, 80, 2))  # the 40 candidates nearest the origin, in order

@@ -106,6 +106,15 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     retrieval, through :func:`stimg.tl.predict_expression`. Plain BLEEP (retrieval only) is the
     configuration ``loss='clip'`` with ``predict(k=50, weighting='mean')`` (the defaults).
 
+    **Image input.** Any ``.obsm`` features work, but a spot's expression follows the tissue around
+    it: the features of :func:`stimg.pp.spatial_context` (the spot's own and the mean of its
+    neighbours' within 500 µm) align much better than the patch alone. On HER2ST
+    (``benchmarks/align_her2st.py``; EfficientNet-Lite0, C2–C6 held out in turn, 3 seeds), whole-section
+    recall@5 rose from 2.9–4.3× chance (image→gene) and 3.3–4.5× (gene→image) with the 112 µm patch
+    features and per-feature z-scores, to 4.2–6.5× and 3.9–6.1× with context features and the
+    default isotropic scaling (``standardize``); retrieval PCC rose from 0.283 to 0.338. Across
+    patients (C→A1) recall stays near chance either way (1.1–1.7×), while PCC rose from 0.053 to 0.071.
+
     Parameters
     ----------
     adata
@@ -149,6 +158,13 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         Table of ``images`` when it is a SpatialData.
     encoder_kwargs
         Passed to :func:`stimg.encoders.get_encoder` (e.g. ``depth=2`` for a small test copy).
+    standardize
+        Scaling of the image features after centring them on the training spots: ``'isotropic'``
+        (default) divides every feature by one scale, their mean SD, which keeps the encoder's
+        geometry, so the smooth, low-variance neighbourhood block of
+        :func:`stimg.pp.spatial_context` is not blown up to the spread of the spot's own features
+        (as for :class:`~stimg.models.NBRegressor`); ``'per_feature'`` z-scores each feature.
+        Expression inputs are always z-scored.
 
     Attributes
     ----------
@@ -167,7 +183,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
     --------
     >>> import stimg as si
     >>> adata = si.datasets.synthetic(200, 30, image=False, as_anndata=True)
-    >>> si.models.ContrastiveAligner.setup_anndata(adata, embedding_key="X_synthetic", genes=adata.var_names)
+    >>> si.pp.spatial_context(adata, "X_synthetic", radius_um=500)  # + neighbours' mean within 500 µm
+    >>> si.models.ContrastiveAligner.setup_anndata(adata, embedding_key="X_synthetic_context", genes=adata.var_names)
     >>> model = si.models.ContrastiveAligner(adata, n_latent=16)
     >>> model.train(max_epochs=2, batch_size=64, progress=False)
     >>> si.tl.align(adata, model)
@@ -185,7 +202,8 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
                  image_encoder: str | torch.nn.Module | None = None, lora_rank: int = 8, lora_alpha: float = 16.0,
                  lora_targets: str | list[str] = DEFAULT_TARGETS, pretrained: bool = True, patch_um: float = 112.0,
                  patch_px: int | None = None, input_px: int | None = None, images: Any = None,
-                 table_key: str = TABLE_KEY, encoder_kwargs: dict[str, Any] | None = None) -> None:
+                 table_key: str = TABLE_KEY, encoder_kwargs: dict[str, Any] | None = None,
+                 standardize: str = "isotropic") -> None:
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
         gene = self.adata_manager.get_from_registry(ALIGN_KEYS.GENE)
@@ -217,7 +235,7 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         self.module_config_ = {
             "n_image": n_image, "n_gene": int(gene.shape[1]), "n_latent": int(n_latent),
             "image_hidden": image_hidden, "gene_hidden": gene_hidden, "dropout": float(dropout), "loss": loss,
-            "loss_kwargs": loss_kwargs,
+            "loss_kwargs": loss_kwargs, "standardize": standardize,
         }
         with torch.random.fork_rng():
             torch.manual_seed(self.seed_)
@@ -311,7 +329,9 @@ class ContrastiveAligner(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
         adata
             Table with spots in rows, image features in ``.obsm`` and raw counts.
         embedding_key
-            ``.obsm`` key of the image features (e.g. ``'X_efficientnet_lite0'`` from :func:`stimg.pp.embed`);
+            ``.obsm`` key of the image features (e.g. ``'X_efficientnet_lite0'`` from :func:`stimg.pp.embed`,
+            or better its neighbourhood features ``'X_efficientnet_lite0_context'`` from
+            :func:`stimg.pp.spatial_context`);
             ``None`` for a model that fine-tunes its own image encoder (``image_encoder=``).
         genes
             Genes of the expression input and of retrieval predictions; ``None`` uses

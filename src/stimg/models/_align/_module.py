@@ -11,6 +11,7 @@ from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
 from .._contrastive import ProjectionHead, l2_normalize, make_loss
+from .._nb._model import _FEATURE_SCALES as FEATURE_SCALES
 from ._constants import ALIGN_KEYS
 
 
@@ -43,14 +44,23 @@ class AlignModule(BaseModuleClass):
         Passed to the loss (temperature init and clamp, ``learnable``).
     image_mean, image_std, gene_mean, gene_std
         Input standardisation.
+    standardize
+        How :meth:`set_standardization` scales the centred image features: ``'per_feature'``
+        (z-scores) or ``'isotropic'`` (one scale, the mean per-feature SD). Expression inputs are
+        always z-scored.
     """
 
     def __init__(self, n_image: int, n_gene: int, *, n_latent: int = 128, image_hidden: int | None = 256,
                  gene_hidden: int | None = None, dropout: float = 0.5, loss: str = "clip",
                  loss_kwargs: dict[str, Any] | None = None, image_mean: np.ndarray | None = None,
                  image_std: np.ndarray | None = None, gene_mean: np.ndarray | None = None,
-                 gene_std: np.ndarray | None = None, image_encoder: nn.Module | None = None) -> None:
+                 gene_std: np.ndarray | None = None, image_encoder: nn.Module | None = None,
+                 standardize: str = "per_feature") -> None:
         super().__init__()
+        if standardize not in FEATURE_SCALES:
+            msg = f"standardize must be one of {sorted(FEATURE_SCALES)}, got {standardize!r}."
+            raise ValueError(msg)
+        self.standardize = standardize
         #: optional trainable image encoder (LoRA ViT): the image input is then spot rows, whose
         #: uint8 patches come from ``patch_source(rows)`` (set by the model; not saved).
         self.image_encoder = image_encoder
@@ -65,11 +75,11 @@ class AlignModule(BaseModuleClass):
 
     @torch.no_grad()
     def set_standardization(self, image: np.ndarray, gene: np.ndarray) -> None:
-        """Standardise the inputs by the mean and sd of these (training) rows."""
-        for name, x in (("image", image), ("gene", gene)):
+        """Centre the inputs on these (training) rows; scale image features by ``standardize``, genes by their sd."""
+        for name, x, scale in (("image", image, FEATURE_SCALES[self.standardize]), ("gene", gene, FEATURE_SCALES["per_feature"])):
             x = np.asarray(x, dtype=np.float64)
             getattr(self, f"{name}_mean").copy_(torch.from_numpy(x.mean(0)))
-            getattr(self, f"{name}_std").copy_(torch.from_numpy(x.std(0)).clamp_min(1e-6))
+            getattr(self, f"{name}_std").copy_(torch.from_numpy(np.asarray(scale(x))).clamp_min(1e-6))
 
     # ------------------------------------------------------------------ towers
     def encode_patches(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,38 +41,89 @@ def _standardise_pca(x: np.ndarray, n_comps: int, seed: int) -> np.ndarray:
 
 
 def _nearest_unique(x: np.ndarray, centres: np.ndarray, candidates: np.ndarray) -> list[int]:
-    """For each centre, the nearest candidate not already taken."""
+    """For each centre (in order), the nearest candidate not already taken."""
     tree = cKDTree(x[candidates])
     taken: set[int] = set()
     out = []
     kk = min(len(candidates), 16)
-    for c in centres:
-        _, nn = tree.query(c, k=kk)
-        nn = np.atleast_1d(nn)
-        j = next((int(candidates[i]) for i in nn if int(candidates[i]) not in taken), None)
-        if j is None:  # crowded: scan everything
-            d = ((x[candidates] - c) ** 2).sum(1)
-            j = next(int(candidates[i]) for i in np.argsort(d) if int(candidates[i]) not in taken)
+    _, nn_all = tree.query(np.asarray(centres), k=kk)  # one vectorised query; conflicts resolved in order
+    nn_all = np.asarray(nn_all).reshape(len(centres), -1)
+    for c, nn in zip(centres, candidates[nn_all], strict=True):
+        j = next((int(i) for i in nn if int(i) not in taken), None)
+        k = kk
+        while j is None:  # crowded: look further (at most len(taken) + 1 neighbours are ever needed)
+            k = min(4 * k, len(candidates))
+            _, far = tree.query(c, k=k)
+            j = next((int(candidates[i]) for i in np.atleast_1d(far) if int(candidates[i]) not in taken), None)
         taken.add(j)
         out.append(j)
     return out
 
 
-def kmeans_select(emb: np.ndarray, budget: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None,
-                  n_comps: int = 50) -> np.ndarray:
-    """k-means (``budget`` clusters) on standardised PCA image embeddings; the spot nearest each centroid."""
+#: Above this many (free spots × budget), :func:`kmeans_select` runs k-means in two levels.
+FLAT_KMEANS_MAX_WORK = 200_000_000
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int):
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
+    km = (KMeans(k, n_init=1, random_state=seed) if len(x) <= 20_000
+          else MiniBatchKMeans(k, n_init=1, random_state=seed, batch_size=4096))
+    return km.fit(x)
+
+
+def _two_level_select(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """``k`` rows of ``x`` by k-means in two levels: ``≈√k`` coarse clusters, then each one's share of ``k``.
+
+    Cost ``O(n·√k)`` per iteration instead of ``O(n·k)``; coarse clusters get centres in proportion
+    to their size (largest remainder), as flat k-means places them by density. Each fine cluster
+    contributes its member nearest its centroid (a nearest-neighbour search over all rows would cost
+    ``O(n·k)`` again in 50 dimensions); an empty fine cluster takes the nearest unpicked row of its
+    coarse cluster.
+    """
+    g = int(min(max(2, round(np.sqrt(k))), k))
+    labels = _kmeans(x, g, seed).labels_
+    sizes = np.bincount(labels, minlength=g)
+    share = _largest_remainder(k, sizes)
+    order = np.argsort(labels, kind="stable")
+    bounds = np.r_[0, np.cumsum(sizes)]
+    picks = []
+    for j in np.flatnonzero(share):
+        mem = order[bounds[j]:bounds[j + 1]]
+        if share[j] >= len(mem):
+            picks.append(mem)
+            continue
+        km = _kmeans(x[mem], int(share[j]), seed + 1 + int(j))
+        lab, cen = km.labels_, km.cluster_centers_
+        d = ((x[mem] - cen[lab]) ** 2).sum(1)
+        o = np.lexsort((d, lab))
+        first = o[np.r_[True, lab[o][1:] != lab[o][:-1]]]  # per non-empty cluster, its nearest member
+        picks.append(mem[first])
+        empty = np.setdiff1d(np.arange(len(cen)), lab[first])
+        if len(empty):
+            rest = np.setdiff1d(np.arange(len(mem)), first)
+            picks.append(mem[np.asarray(_nearest_unique(x[mem], cen[empty], rest), dtype=np.int64)])
+    return np.concatenate(picks)
+
+
+def kmeans_select(emb: np.ndarray, budget: int, rng: np.random.Generator, *, exclude: np.ndarray | None = None,
+                  n_comps: int = 50) -> np.ndarray:
+    """k-means (``budget`` clusters) on standardised PCA image embeddings; the spot nearest each centroid.
+
+    When free spots × ``budget`` exceeds :data:`FLAT_KMEANS_MAX_WORK` (e.g. 100k spots, 10 %
+    budget), k-means runs in two levels (:func:`_two_level_select`), so the cost grows with
+    ``n·√budget`` instead of ``n·budget``.
+    """
     free = np.flatnonzero(_free(len(emb), exclude))
     budget = min(budget, free.size)
     if budget == 0:
         return np.array([], dtype=np.int64)
     x = _standardise_pca(emb, n_comps, int(rng.integers(2**31)))
     seed = int(rng.integers(2**31))
-    km = (KMeans(budget, n_init=1, random_state=seed) if free.size <= 20_000
-          else MiniBatchKMeans(budget, n_init=1, random_state=seed, batch_size=4096))
-    km.fit(x[free])
-    return np.asarray(_nearest_unique(x, km.cluster_centers_, free), dtype=np.int64)
+    if free.size * budget > FLAT_KMEANS_MAX_WORK:
+        return free[_two_level_select(x[free], budget, seed)]
+    centres = _kmeans(x[free], budget, seed).cluster_centers_
+    return np.asarray(_nearest_unique(x, centres, free), dtype=np.int64)
 
 
 def grid_select(xy: np.ndarray, groups: np.ndarray, budget: int, rng: np.random.Generator, *,

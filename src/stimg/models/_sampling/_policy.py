@@ -72,8 +72,18 @@ class SamplingPolicy(ModelIO, nn.Module):
 
     @torch.no_grad()
     def scores(self, emb) -> np.ndarray:
-        """Policy scores of every spot."""
-        return self(self._tensor(emb)).numpy()
+        """Policy scores of every spot (in chunks of :attr:`chunk_size` spots: memory stays flat)."""
+        return self._scores_no_grad(self._tensor(emb)).numpy()
+
+    #: Spots per forward/backward chunk: above this, hidden activations are never held for all spots
+    #: at once (1M spots × 128 hidden units would be 1 GB per activation).
+    chunk_size: int = 1 << 16
+
+    @torch.no_grad()
+    def _scores_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) <= self.chunk_size:
+            return self(x)
+        return torch.cat([self(x[i:i + self.chunk_size]) for i in range(0, len(x), self.chunk_size)])
 
     @torch.no_grad()
     def probabilities(self, emb, available: np.ndarray) -> np.ndarray:
@@ -133,7 +143,7 @@ class SamplingPolicy(ModelIO, nn.Module):
         return adv
 
     def reinforce(self, emb, available: np.ndarray, draws: list[np.ndarray], rewards: np.ndarray,
-                  *, n_steps: int = 1, baseline: str = "running") -> float:
+                  *, n_steps: int = 1, baseline: str = "running", scores: np.ndarray | None = None) -> float:
         """REINFORCE: ascend ``Σ_m A_m ∇ log π(S_m)``.
 
         Advantages ``A_m``: with ``baseline='running'``, from :meth:`normalise` (running mean and
@@ -156,6 +166,9 @@ class SamplingPolicy(ModelIO, nn.Module):
             Gradient steps on this batch.
         baseline
             ``'running'`` or ``'rloo'``.
+        scores
+            :meth:`scores` of ``emb`` under the current weights, if the caller has them: with many
+            spots the first step reuses them instead of a forward pass over every spot.
 
         Returns
         -------
@@ -174,13 +187,29 @@ class SamplingPolicy(ModelIO, nn.Module):
         x = self._tensor(emb)
         avail = torch.as_tensor(np.asarray(available, dtype=bool))
         loss = torch.tensor(0.0)
-        for _ in range(max(1, int(n_steps))):
+        chunked = len(x) > self.chunk_size
+        for step in range(max(1, int(n_steps))):
             self.optimizer.zero_grad()
-            s = self(x)
+            # many spots: the loss is differentiated w.r.t. the scores first, then the network is
+            # back-propagated chunk by chunk with those score gradients (the same gradient, without
+            # holding every spot's hidden activations)
+            if chunked:
+                given = scores is not None and step == 0
+                s = (torch.as_tensor(np.asarray(scores, dtype=np.float32)).clone() if given
+                     else self._scores_no_grad(x)).requires_grad_(True)
+            else:
+                s = self(x)
             norm = self._normaliser(s, avail)  # shared by all draws
             lp = torch.stack([self._log_prob(s, avail, c, norm) / max(len(c), 1) for c in draws])
             loss = -(adv * lp).mean()
-            loss.backward()
+            if chunked:
+                (g,) = torch.autograd.grad(loss, s)
+                for i in range(0, len(x), self.chunk_size):
+                    gi = g[i:i + self.chunk_size]
+                    if bool(gi.any()):
+                        self(x[i:i + self.chunk_size]).backward(gi)
+            else:
+                loss.backward()
             self.optimizer.step()
         return float(loss.detach())
 
