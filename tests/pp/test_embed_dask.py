@@ -165,3 +165,21 @@ def test_task_malloc_scoped_to_running_tasks(monkeypatch):
     with dist._task_malloc(), dist._task_malloc():  # two tasks of one worker overlap: set once, restored once
         assert lib.calls == [(-3, 32 * 2**20), (-1, 64 * 2**20)]
     assert lib.calls[2:] == [(-1, 65536), (-3, 128 * 2**10), ("trim", 0)]
+
+
+def test_whole_slide_images_travel_to_the_workers(client, tmp_path):
+    """read_wsi's lazy levels pickle as their file path (open handles cannot): tiles and features as in one process."""
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    img = np.full((768, 1024, 3), 235, np.uint8)
+    img[100:600, 200:900] = rng.normal((170, 80, 150), 20, (500, 700, 3)).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", img, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")  # 0.5 µm/px
+    slide = si.io.read_wsi(tmp_path / "s.tif")
+    want = si.pp.tile_image(slide, 64, working_mpp=1.0)
+    got = si.pp.tile_image(slide, 64, working_mpp=1.0, client=client)
+    np.testing.assert_array_equal(got.tables["table"].obs["tissue_coverage"], want.tables["table"].obs["tissue_coverage"])
+    kw = {"patch_um": 64, "patch_px": 32, "batch_size": 8, "inplace": False, "cache": False, "progress": False}
+    np.testing.assert_array_equal(si.pp.embed(got, _tiny(), client=client, spots_per_task=16, **kw),
+                                  si.pp.embed(want, _tiny(), **kw))
