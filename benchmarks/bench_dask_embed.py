@@ -26,6 +26,14 @@ The single-process path reads each slide's image whole (it fits its 2 GB cache);
 reads only the image chunks its spots' patches touch. A warm-up call on 4 slides precedes each timed call (imports, encoder weights, kernels). The
 cluster runs with dask's worker profiler off (it costs ~30 % CPU per spot on this machine).
 
+Compare CPU per spot (driver + workers) rather than wall time on a shared machine. The driver's CPU
+includes the in-process scheduler's periodic work (~3 % of a core while idle, as much again in the
+workers), so it grows with wall time when other jobs slow the run down. Until the tasks ran with
+glibc's default allocator thresholds (``stimg.pp._distributed._task_malloc``; the Nanny's
+``MALLOC_TRIM_THRESHOLD_`` had fixed the mmap threshold at 128 KiB), the workers used ~25 % more
+CPU per spot than the same task function in one process (py-spy / ``/usr/bin/time``: the extra was
+system time, page faults of freshly mapped buffers).
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_dask_embed.py [--cache /work/cache/bench_dask] [--runs 5 | --order single1,dask,single1]
