@@ -148,7 +148,7 @@ def tile_image(
     client
         A :class:`dask.distributed.Client`: a lazy slide (SpatialData output from an image on disk,
         e.g. :func:`stimg.io.read_wsi` or a zarr-backed SpatialData) is read and masked by a task
-        in a worker, so the driver never holds its pixels (see :doc:`/scaling`); the tiles are the
+        in a worker, so the driver never holds its pixels (docs: "Beyond one machine"); the tiles are the
         same as without it. Images already in memory are masked where they are. ``None``: this process.
 
     Returns
@@ -168,6 +168,13 @@ def tile_image(
     >>> tiles = si.pp.tile_image(img, 112, mpp=0.5)
     >>> tiles.n_obs, tiles.obsm["spatial"].shape[1]
     (8, 2)
+
+    A whole-slide image tiled by a dask worker, then embedded through the same cluster:
+
+    >>> from dask.distributed import Client  # doctest: +SKIP
+    >>> client = Client(n_workers=2, threads_per_worker=1)  # doctest: +SKIP
+    >>> tiles = si.pp.tile_image(si.io.read_wsi("slide.svs"), 112, client=client)  # doctest: +SKIP
+    >>> si.pp.embed(tiles, patch_um=112, client=client)  # doctest: +SKIP
     """
     from ..io._convert import HIRES_MAX_SIDE
     from ..io._image import downsample, read_image
