@@ -143,7 +143,7 @@ class SamplingPolicy(ModelIO, nn.Module):
         return adv
 
     def reinforce(self, emb, available: np.ndarray, draws: list[np.ndarray], rewards: np.ndarray,
-                  *, n_steps: int = 1, baseline: str = "running") -> float:
+                  *, n_steps: int = 1, baseline: str = "running", scores: np.ndarray | None = None) -> float:
         """REINFORCE: ascend ``Σ_m A_m ∇ log π(S_m)``.
 
         Advantages ``A_m``: with ``baseline='running'``, from :meth:`normalise` (running mean and
@@ -166,6 +166,9 @@ class SamplingPolicy(ModelIO, nn.Module):
             Gradient steps on this batch.
         baseline
             ``'running'`` or ``'rloo'``.
+        scores
+            :meth:`scores` of ``emb`` under the current weights, if the caller has them: with many
+            spots the first step reuses them instead of a forward pass over every spot.
 
         Returns
         -------
@@ -185,12 +188,17 @@ class SamplingPolicy(ModelIO, nn.Module):
         avail = torch.as_tensor(np.asarray(available, dtype=bool))
         loss = torch.tensor(0.0)
         chunked = len(x) > self.chunk_size
-        for _ in range(max(1, int(n_steps))):
+        for step in range(max(1, int(n_steps))):
             self.optimizer.zero_grad()
             # many spots: the loss is differentiated w.r.t. the scores first, then the network is
             # back-propagated chunk by chunk with those score gradients (the same gradient, without
             # holding every spot's hidden activations)
-            s = self._scores_no_grad(x).requires_grad_(True) if chunked else self(x)
+            if chunked:
+                given = scores is not None and step == 0
+                s = (torch.as_tensor(np.asarray(scores, dtype=np.float32)).clone() if given
+                     else self._scores_no_grad(x)).requires_grad_(True)
+            else:
+                s = self(x)
             norm = self._normaliser(s, avail)  # shared by all draws
             lp = torch.stack([self._log_prob(s, avail, c, norm) / max(len(c), 1) for c in draws])
             loss = -(adv * lp).mean()

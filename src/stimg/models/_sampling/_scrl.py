@@ -156,7 +156,8 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
             if st is not None:  # the policy sees the sampled set (and the model's uncertainty)
                 inp = np.c_[emb, st()] if not use_unc else np.c_[emb, st(), np.ones(n) if unc is None else unc]
                 inp = inp.astype(np.float32)
-            scores = np.where(avail, policy.scores(inp), -np.inf)
+            raw = policy.scores(inp)
+            scores = np.where(avail, raw, -np.inf)
             tree = cKDTree(sur[revealed]) if len(revealed) else None
             draws, gains = [], []
             for _ in range(n_rollouts):
@@ -166,7 +167,7 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
             nn_of = None
             if tree is not None:  # labels of unrevealed candidates: nearest revealed spot in image space
                 cand, inv = np.unique(np.concatenate(draws), return_inverse=True)  # one query per round
-                nn_of = np.split(revealed[tree.query(sur[cand], k=1)[1]][inv], np.cumsum([len(d) for d in draws])[:-1])
+                nn_of = np.split(revealed[tree.query(sur[cand], k=1, workers=-1)[1]][inv], np.cumsum([len(d) for d in draws])[:-1])
             for j, d in enumerate(draws):
                 c = t = None
                 if nn_of is not None:
@@ -177,7 +178,7 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
                     g += weights.unc * float(unc[d].mean())
                 gains.append(g)
             gains = np.asarray(gains)
-            loss = policy.reinforce(inp, avail, draws, gains, n_steps=n_steps, baseline=baseline)
+            loss = policy.reinforce(inp, avail, draws, gains, n_steps=n_steps, baseline=baseline, scores=raw)
             best = int(np.argmax(gains))
             pick = draws[best]
             mean_gain = float(gains.mean())
