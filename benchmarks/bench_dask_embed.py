@@ -26,11 +26,20 @@ The single-process path reads each slide's image whole (it fits its 2 GB cache);
 reads only the image chunks its spots' patches touch. A warm-up call on 4 slides precedes each timed call (imports, encoder weights, kernels). The
 cluster runs with dask's worker profiler off (it costs ~30 % CPU per spot on this machine).
 
+Compare CPU per spot (driver + workers) rather than wall time on a shared machine. The driver's CPU
+includes the in-process scheduler's periodic work (~3 % of a core while idle, as much again in the
+workers), so it grows with wall time when other jobs slow the run down. Until the tasks ran with
+glibc's default allocator thresholds (``stimg.pp._distributed._task_malloc``; the Nanny's
+``MALLOC_TRIM_THRESHOLD_`` had fixed the mmap threshold at 128 KiB), the workers used ~25 % more
+CPU per spot than the same task function in one process (py-spy / ``/usr/bin/time``: the extra was
+system time, page faults of freshly mapped buffers).
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_dask_embed.py [--cache /work/cache/bench_dask] [--runs 5 | --order single1,dask,single1]
+        [--copies 2 --results /tmp/bench_dask_10slides.json]   # a quick check on 10 slides (367 spots)
 
-Writes ``benchmarks/results/bench_dask_embed.json``.
+Writes ``benchmarks/results/bench_dask_embed.json`` (or ``--results``).
 """
 
 from __future__ import annotations
@@ -235,17 +244,20 @@ def main() -> None:
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--runs", type=int, default=5, help="runs in the order single1 dask single2 dask single1")
     p.add_argument("--order", help="comma-separated modes to run instead, e.g. single1,dask,single1")
+    p.add_argument("--copies", type=int, default=N_COPIES, help="copies of each of the 5 sections (10: 50 slides)")
+    p.add_argument("--results", default=str(HERE / "results" / "bench_dask_embed.json"), help="JSON file written")
     a = p.parse_args()
     path = prepare(Path(a.cache))
     if a.mode:
         run(a.mode, path, Path(a.out))
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src"),
+           "STIMG_BENCH_COPIES": str(a.copies)}
     # symmetric order (A B C B A): a load that drifts during the run affects single1 and dask equally
     order = a.order.split(",") if a.order else ("single1", "dask", "single2", "dask", "single1")[: a.runs]
     runs, feats = [], {}
     for k, mode in enumerate(order):
-        out = Path(a.cache) / f"feats_{mode}.npz"
+        out = Path(a.cache) / f"feats_{mode}_{a.copies}.npz"
         waited = _wait_for_memory(MIN_FREE_BYTES)
         load_before = os.getloadavg()[0]
         repeated = 0
@@ -302,8 +314,8 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "loadavg_after": list(os.getloadavg()), "torch": torch.__version__,
         "dask": dask.__version__, "distributed": distributed.__version__, "platform": platform.platform(),
     }
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "bench_dask_embed.json").write_text(json.dumps(res, indent=2))
+    Path(a.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.results).write_text(json.dumps(res, indent=2))
     print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=2))
 
 

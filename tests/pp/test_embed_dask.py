@@ -96,3 +96,90 @@ def test_task_reads_only_the_chunks_its_windows_touch(tmp_path):
     for i in range(3):
         np.testing.assert_array_equal(ds.crop(i), ref.crop(i))
     assert len(reads) == 6  # cutting the patches read nothing more
+
+
+def _lazy_slide(tmp_path, img):
+    """A zarr-backed SpatialData holding ``img`` (y, x, 3) as a 2-level pyramid: the pixels stay on disk."""
+    import spatialdata as sd
+    from spatialdata.models import Image2DModel
+
+    elem = Image2DModel.parse(np.moveaxis(img, -1, 0), dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+                              scale_factors=[2], chunks=(3, 256, 256))
+    sd.SpatialData(images={"wsi": elem}).write(tmp_path / "wsi.zarr")
+    return sd.read_zarr(tmp_path / "wsi.zarr")
+
+
+def test_tile_image_through_the_cluster_equals_one_process(client, tmp_path):
+    img = np.full((900, 1300, 3), 235, np.uint8)
+    rng = np.random.default_rng(0)
+    img[150:750, 200:1000] = np.clip(rng.normal((170, 80, 150), 20, (600, 800, 3)), 0, 255).astype(np.uint8)
+    sdata = _lazy_slide(tmp_path, img)
+    want = si.pp.tile_image(sdata, 100, mpp=1.0, working_mpp=2.0)
+    with distributed.get_task_stream(client) as ts:
+        got = si.pp.tile_image(sdata, 100, mpp=1.0, working_mpp=2.0, client=client)
+    assert sum(str(t["key"]).startswith("_in_worker") for t in ts.data) == 1  # one task, in a worker
+    a, b = want.tables["table"], got.tables["table"]
+    assert 20 < a.n_obs < 9 * 13  # background tiles dropped
+    np.testing.assert_array_equal(b.obsm["spatial"], a.obsm["spatial"])
+    np.testing.assert_array_equal(b.obs["tissue_coverage"], a.obs["tissue_coverage"])
+    assert b.uns["tile_image"]["params"] == a.uns["tile_image"]["params"]
+    assert got.images["wsi"] is sdata.images["wsi"]  # a reference: the driver never read the pixels
+    # the tiles embed through the same cluster
+    feats = si.pp.embed(got, _tiny(), patch_um=100, patch_px=32, batch_size=8, client=client, inplace=False,
+                        cache=False, progress=False)
+    np.testing.assert_array_equal(feats, si.pp.embed(got, _tiny(), patch_um=100, patch_px=32, batch_size=8,
+                                                     inplace=False, cache=False, progress=False))
+
+
+def test_tile_image_errors_leave_the_input_unchanged(client, tmp_path):
+    sdata = _lazy_slide(tmp_path, np.full((400, 500, 3), 240, np.uint8))  # background only
+    before = (set(sdata.images), set(sdata.shapes), set(sdata.tables))
+    with pytest.raises(ValueError, match="No tile has"):  # raised after the worker's mask came back
+        si.pp.tile_image(sdata, 100, mpp=1.0, working_mpp=2.0, client=client)
+    with pytest.raises(TypeError, match="dask.distributed Client"):
+        si.pp.tile_image(sdata, 100, mpp=1.0, client=object())
+    assert (set(sdata.images), set(sdata.shapes), set(sdata.tables)) == before
+
+
+def test_task_malloc_scoped_to_running_tasks(monkeypatch):
+    """Under the Nanny's fixed MALLOC_TRIM_THRESHOLD_, tasks run with glibc's roomy thresholds, restored after."""
+    from stimg.pp import _distributed as dist
+
+    class LibC:
+        def __init__(self):
+            self.calls = []
+
+        def mallopt(self, param, value):
+            self.calls.append((param, value))
+
+        def malloc_trim(self, pad):
+            self.calls.append(("trim", pad))
+
+    lib = LibC()
+    monkeypatch.setattr(dist, "_libc", lambda: lib)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dist._task_malloc():
+        pass
+    assert lib.calls == []  # a default process: glibc's dynamic thresholds are left alone
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    with dist._task_malloc(), dist._task_malloc():  # two tasks of one worker overlap: set once, restored once
+        assert lib.calls == [(-3, 32 * 2**20), (-1, 64 * 2**20)]
+    assert lib.calls[2:] == [(-1, 65536), (-3, 128 * 2**10), ("trim", 0)]
+
+
+def test_whole_slide_images_travel_to_the_workers(client, tmp_path):
+    """read_wsi's lazy levels pickle as their file path (open handles cannot): tiles and features as in one process."""
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    img = np.full((768, 1024, 3), 235, np.uint8)
+    img[100:600, 200:900] = rng.normal((170, 80, 150), 20, (500, 700, 3)).clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", img, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")  # 0.5 µm/px
+    slide = si.io.read_wsi(tmp_path / "s.tif")
+    want = si.pp.tile_image(slide, 64, working_mpp=1.0)
+    got = si.pp.tile_image(slide, 64, working_mpp=1.0, client=client)
+    np.testing.assert_array_equal(got.tables["table"].obs["tissue_coverage"], want.tables["table"].obs["tissue_coverage"])
+    kw = {"patch_um": 64, "patch_px": 32, "batch_size": 8, "inplace": False, "cache": False, "progress": False}
+    np.testing.assert_array_equal(si.pp.embed(got, _tiny(), client=client, spots_per_task=16, **kw),
+                                  si.pp.embed(want, _tiny(), **kw))

@@ -15,38 +15,83 @@ WSI_ATTRS = "stimg_wsi"  # sdata.attrs key with path, µm/px, backend and levels
 _CHUNK = 4096
 
 
+def _token(path: Path) -> str:
+    """Deterministic name of a slide file's dask arrays (path, size, modification time): the feature cache's key."""
+    import hashlib
+
+    st = path.stat()
+    return hashlib.blake2b(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode(), digest_size=8).hexdigest()
+
+
+class _Reopenable:
+    """A slide level that pickles as its file path and reopens the file where it is unpickled.
+
+    Open file handles cannot be pickled; this lets the lazy arrays of :func:`read_wsi` travel to
+    dask workers (``si.pp.embed(client=)``, ``si.pp.tile_image(client=)``), which read the pixels.
+    """
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handle": None}
+
+    def _get(self) -> Any:
+        if self._handle is None:
+            self._handle = self._open()
+        return self._handle
+
+
+class _TiffSlideLevel(_Reopenable):
+    """Array-like ``(y, x, c)`` view of one tiffslide level (its zarr array), read region by region."""
+
+    def __init__(self, path: Path, level: int, arr: Any) -> None:
+        self.path, self.level, self._handle = str(path), level, arr
+        self.shape, self.dtype, self.ndim = tuple(arr.shape), np.dtype(arr.dtype), arr.ndim
+
+    def _open(self) -> Any:
+        import tiffslide
+
+        return tiffslide.TiffSlide(self.path).zarr_group[str(self.level)]
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return np.asarray(self._get()[key])
+
+
 def _tiffslide_levels(path: Path) -> tuple[list[Any], dict[str, Any]]:
     import dask.array as da
     import tiffslide
 
     slide = tiffslide.TiffSlide(str(path))
     group = slide.zarr_group
-    levels = []
+    levels, token = [], _token(path)
     for i in range(slide.level_count):
-        arr = group[str(i)]
-        chunks = tuple(min(_CHUNK, s) for s in arr.shape[:2]) + tuple(arr.shape[2:])
-        levels.append(da.from_zarr(arr, chunks=chunks))
+        view = _TiffSlideLevel(path, i, group[str(i)])
+        chunks = tuple(min(_CHUNK, s) for s in view.shape[:2]) + tuple(view.shape[2:])
+        levels.append(da.from_array(view, chunks=chunks, asarray=False, fancy=False, name=f"tiffslide-{token}-{i}"))
     props = slide.properties
     meta = {"mpp_x": props.get("tiffslide.mpp-x"), "mpp_y": props.get("tiffslide.mpp-y"),
             "vendor": props.get("tiffslide.vendor"), "objective_power": props.get("tiffslide.objective-power")}
     return levels, meta
 
 
-class _OpenSlideLevel:
+class _OpenSlideLevel(_Reopenable):
     """Array-like ``(y, x, 3)`` view of one OpenSlide level, read region by region (RGBA → RGB on white)."""
 
-    def __init__(self, slide: Any, level: int) -> None:
-        self.slide, self.level = slide, level
+    def __init__(self, path: Path, slide: Any, level: int) -> None:
+        self.path, self._handle, self.level = str(path), slide, level
         w, h = slide.level_dimensions[level]
         self.shape, self.dtype, self.ndim = (h, w, 3), np.dtype(np.uint8), 3
         self.downsample = float(slide.level_downsamples[level])
+
+    def _open(self) -> Any:
+        import openslide
+
+        return openslide.OpenSlide(self.path)
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         ys, xs = key[0], key[1]
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
         loc = (int(round(x0 * self.downsample)), int(round(y0 * self.downsample)))
-        rgba = np.asarray(self.slide.read_region(loc, self.level, (max(x1 - x0, 0), max(y1 - y0, 0))), dtype=np.float32)
+        rgba = np.asarray(self._get().read_region(loc, self.level, (max(x1 - x0, 0), max(y1 - y0, 0))), dtype=np.float32)
         alpha = rgba[..., 3:4] / 255.0
         rgb = rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)  # transparent (no scan) → white background
         out = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
@@ -58,11 +103,11 @@ def _openslide_levels(path: Path) -> tuple[list[Any], dict[str, Any]]:
     import openslide
 
     slide = openslide.OpenSlide(str(path))
-    levels = []
+    levels, token = [], _token(path)
     for i in range(slide.level_count):
-        view = _OpenSlideLevel(slide, i)
+        view = _OpenSlideLevel(path, slide, i)
         chunks = tuple(min(_CHUNK, s) for s in view.shape[:2]) + (3,)
-        levels.append(da.from_array(view, chunks=chunks, asarray=False, fancy=False, name=f"openslide-{path.name}-{i}"))
+        levels.append(da.from_array(view, chunks=chunks, asarray=False, fancy=False, name=f"openslide-{token}-{i}"))
     props = slide.properties
     meta = {"mpp_x": props.get("openslide.mpp-x"), "mpp_y": props.get("openslide.mpp-y"),
             "vendor": props.get("openslide.vendor"), "objective_power": props.get("openslide.objective-power")}

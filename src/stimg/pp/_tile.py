@@ -54,14 +54,14 @@ def _levels(elem: Any) -> list[Any]:
     return list(get_pyramid_levels(elem)) if isinstance(elem, DataTree) else [elem]
 
 
-def _working_rgb(elem: Any, working_mpp: float, mpp: float) -> tuple[np.ndarray, float]:
+def _working_rgb(levels: list[Any], working_mpp: float, mpp: float) -> tuple[np.ndarray, float]:
     """RGB ``(y, x, 3)`` uint8 at about ``working_mpp`` µm/px, and its stride in full-resolution pixels.
 
-    Reads only the coarsest pyramid level at least as fine as ``working_mpp``, area-averaged with dask.
+    Reads only the coarsest of the pyramid ``levels`` (``(c, y, x)`` arrays, finest first) at least as
+    fine as ``working_mpp``, area-averaged with dask.
     """
     import dask.array as da
 
-    levels = _levels(elem)
     h0 = levels[0].shape[-2]
     want = max(1.0, working_mpp / mpp)  # full-resolution pixels per working pixel
     best = levels[0]
@@ -70,14 +70,27 @@ def _working_rgb(elem: Any, working_mpp: float, mpp: float) -> tuple[np.ndarray,
             best = lv
     ds = h0 / best.shape[-2]
     f = max(1, int(np.floor(want / ds)))
-    arr = best.data if hasattr(best, "data") else best
-    arr = arr[:3] if arr.shape[0] > 3 else arr
+    arr = best[:3] if best.shape[0] > 3 else best
     if not isinstance(arr, da.Array):
         arr = da.from_array(np.asarray(arr), chunks=(arr.shape[0], 4096, 4096))
     if f > 1:
         arr = da.coarsen(np.mean, arr.astype(np.float32), {1: f, 2: f}, trim_excess=True)
     small = np.moveaxis(np.asarray(arr.compute()), 0, -1)
     return np.clip(np.rint(small), 0, 255).astype(np.uint8), ds * f
+
+
+def _pyramid_coverage(levels: list[Any], xy: np.ndarray, tile_px: float, working_mpp: float,
+                      mpp: float) -> tuple[np.ndarray, float]:
+    """Tissue fraction of the square tiles of side ``tile_px`` centred at ``xy``, and the Otsu threshold.
+
+    The tissue mask comes from the lazy slide's pyramid ``levels`` (:func:`_working_rgb`); with
+    ``client=`` this runs in a dask worker, which reads the pixels.
+    """
+    from ._tissue import _coverage, mask_from_rgb
+
+    small, stride = _working_rgb(levels, working_mpp, mpp)
+    mask, thr = mask_from_rgb(small)
+    return _coverage(mask, xy / stride, tile_px / 2 / stride, square=True), thr
 
 
 def tile_image(
@@ -92,6 +105,7 @@ def tile_image(
     genes: Sequence[str] | None = None,
     working_mpp: float = 4.0,
     as_spatialdata: bool | None = None,
+    client: Any = None,
 ):
     """Cut a slide without spots into square tissue tiles that flow through :func:`~stimg.pp.embed` and prediction.
 
@@ -131,6 +145,11 @@ def tile_image(
     as_spatialdata
         Return SpatialData (image, circles inscribed in the tiles, table) instead of AnnData;
         ``None``: SpatialData for SpatialData input, else AnnData.
+    client
+        A :class:`dask.distributed.Client`: a lazy slide (SpatialData output from an image on disk,
+        e.g. :func:`stimg.io.read_wsi` or a zarr-backed SpatialData) is read and masked by a task
+        in a worker, so the driver never holds its pixels (docs: "Beyond one machine"); the tiles are the
+        same as without it. Images already in memory are masked where they are. ``None``: this process.
 
     Returns
     -------
@@ -149,6 +168,13 @@ def tile_image(
     >>> tiles = si.pp.tile_image(img, 112, mpp=0.5)
     >>> tiles.n_obs, tiles.obsm["spatial"].shape[1]
     (8, 2)
+
+    A whole-slide image tiled by a dask worker, then embedded through the same cluster:
+
+    >>> from dask.distributed import Client  # doctest: +SKIP
+    >>> client = Client(n_workers=2, threads_per_worker=1)  # doctest: +SKIP
+    >>> tiles = si.pp.tile_image(si.io.read_wsi("slide.svs"), 112, client=client)  # doctest: +SKIP
+    >>> si.pp.embed(tiles, patch_um=112, client=client)  # doctest: +SKIP
     """
     from ..io._convert import HIRES_MAX_SIDE
     from ..io._image import downsample, read_image
@@ -173,6 +199,10 @@ def tile_image(
         msg = f"stride_um must be a positive number of µm, got {stride_um!r}."
         raise ValueError(msg)
     check_fraction(min_tissue, "min_tissue")
+    if client is not None:
+        from ._distributed import check_client
+
+        check_client(client)
     to_sd = (sdata is not None) if as_spatialdata is None else bool(as_spatialdata)
     img = None
     if sdata is not None:
@@ -197,13 +227,19 @@ def tile_image(
     col, row = np.meshgrid(np.arange(nx), np.arange(ny))
     col, row = col.ravel(), row.ravel()
     xy = np.c_[tile_px / 2 + col * step_px, tile_px / 2 + row * step_px]
-    if img is None:  # lazy slide: mask from the pyramid
-        small, stride = _working_rgb(elem, working_mpp, mpp)
+    if img is None:  # lazy slide: mask from the pyramid, in a dask worker when the pixels are on disk
+        from ._distributed import _in_memory, run_tasks
+
+        levels = [lv.data if hasattr(lv, "data") else lv for lv in _levels(elem)]
+        if client is not None and not _in_memory(levels[0]):
+            task = ((levels, xy, tile_px, working_mpp, mpp), {})
+            cov, thr = run_tasks(client, _pyramid_coverage, [task], desc="Tiling (dask)", progress=False)[0]
+        else:
+            cov, thr = _pyramid_coverage(levels, xy, tile_px, working_mpp, mpp)
     else:
         stride = max(1, int(round(working_mpp / mpp)))
-        small = img[::stride, ::stride]
-    mask, thr = mask_from_rgb(small)
-    cov = _coverage(mask, xy / stride, tile_px / 2 / stride, square=True)
+        mask, thr = mask_from_rgb(img[::stride, ::stride])
+        cov = _coverage(mask, xy / stride, tile_px / 2 / stride, square=True)
     keep = cov >= min_tissue
     if not keep.any():
         msg = (f"No tile has ≥ {min_tissue:.0%} tissue (best {cov.max():.0%}); lower min_tissue or check the image "
