@@ -256,7 +256,11 @@ def annotate(
         ``None`` creates one.
     embedding_key
         ``.obsm`` key of the image embedding (from :func:`stimg.pp.embed`); ``None`` picks the
-        first ``X_*`` key that is not an expression embedding.
+        first ``X_*`` key that is not an expression embedding. Neighbourhood features from
+        :func:`stimg.pp.spatial_context` classify much better: in simulated annotation on HER2ST
+        (``benchmarks/annotation_her2st.py --context-um 500``, 10 seeds) the first trained round's
+        weighted F1 rose from 0.82 to 0.92 on A1's pathologist labels and from 0.33–0.42 to
+        0.47–0.61 on C2–C6's expression clusters.
     expression
         Expression branch of a new model: ``False``, ``True`` (1,000 HVGs) or an ``.obsm`` key
         (see :class:`~stimg.models.SpotClassifier`).
