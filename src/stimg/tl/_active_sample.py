@@ -169,8 +169,8 @@ def active_sample(
     **Cost.** k-means with ``budget`` clusters would grow with spots × budget; above 2·10⁸ (spots
     × budget, e.g. a 10 percent budget of 100k spots) it runs in two levels — about √budget coarse
     clusters, then each one's share of the budget — so the cost grows with spots × √budget:
-    13 s for a 10 percent budget of 100k spots and 75 s for one of a million spots on 2 cores
-    (``benchmarks/bench_active_sampling.py``). Two-level picks cover image space as flat k-means
+    2.7 s for a 10 percent budget of 100k spots and 42 s for one of a million spots on 2 idle cores
+    (synthetic spots, 50-d embedding; flat k-means did not finish in 8 min at a million). Two-level picks cover image space as flat k-means
     does (mean distance of every spot to its nearest pick within 1 percent in the test suite).
 
     **Modes.** ``'simulate'`` (benchmarking): every spot's expression is in the table but a sampler
