@@ -31,6 +31,21 @@ def _image(xy: np.ndarray, tint: np.ndarray, side: int, pitch_px: float, rng: np
     return img
 
 
+def _nb_counts(rng: np.random.Generator, lib: np.ndarray, frac: np.ndarray, profiles: np.ndarray, theta: float,
+               *, block: int = 200_000):
+    """Sparse NB counts of spots with library sizes ``lib`` and type mixtures ``frac``, ``block`` spots at a time.
+
+    In blocks, a million spots never hold their dense means and counts (float64) at once.
+    """
+    import scipy.sparse as sp
+
+    out = []
+    for a in range(0, len(lib), block):
+        mu = lib[a:a + block, None] * (frac[a:a + block] @ profiles)
+        out.append(sp.csr_matrix(rng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)))
+    return out[0] if len(out) == 1 else sp.vstack(out, format="csr")
+
+
 def synthetic(
     n_spots: int = 400,
     n_genes: int = 50,
@@ -129,8 +144,7 @@ def synthetic(
         frac = np.exp(logits - logits.max(1, keepdims=True))
         frac /= frac.sum(1, keepdims=True)
         lib = rng.lognormal(np.log(2000), 0.3, size=n_spots)
-        mu = lib[:, None] * (frac @ profiles)
-        counts = rng.negative_binomial(theta, theta / (theta + mu)).astype(np.float32)
+        counts = _nb_counts(rng, lib, frac, profiles, theta)
         emb = (frac @ emb_map + rng.normal(scale=0.1, size=(n_spots, embedding_dim))).astype(np.float32)
         xy = np.c_[(gx + 1) * pitch_px, (gy + 1) * pitch_px].astype(np.float64)
         lid = f"S{s}"
@@ -138,7 +152,7 @@ def synthetic(
             {"array_x": gx, "array_y": gy, "cell_type": pd.Categorical(np.array(types)[frac.argmax(1)], categories=types)},
             index=[f"{lid}_{i}" for i in range(n_spots)],
         )
-        ad_ = AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=genes))
+        ad_ = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=genes))
         ad_.obsm[SPATIAL_KEY] = xy
         ad_.obsm["X_synthetic"] = emb
         ad_.obsm["cell_type_fractions"] = frac.astype(np.float32)
