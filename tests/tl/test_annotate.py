@@ -51,7 +51,6 @@ def test_least_confidence_is_diverse_within_the_uncertain_pool():
     assert sorted(np.asarray(div) >= 200) == [False, True]
 
 
-
 def test_small_pool_falls_back_to_the_most_uncertain_and_pool_factor_forces_clustering():
     rng = np.random.default_rng(3)
     n = 200  # at most 20 · n_new unlabelled: the top 5 % (10 spots) is smaller than n_new
@@ -67,6 +66,7 @@ def test_small_pool_falls_back_to_the_most_uncertain_and_pool_factor_forces_clus
     assert (np.asarray(wide) >= 100).any() and (np.asarray(wide) < 100).any()  # pool of 24 spans both groups
     with pytest.raises(ValueError, match="pool_factor"):
         UncertaintyRule(least_confidence, pool_factor=0.5)
+
 
 def test_rules_only_choose_unlabelled_spots_and_registry_checks():
     p = np.random.default_rng(1).dirichlet([1, 1, 1], 100)
