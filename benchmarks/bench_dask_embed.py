@@ -73,13 +73,18 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _available() -> int:
-    """MemAvailable of the machine in bytes."""
-    with open("/proc/meminfo") as fh:
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``kB`` field of a ``/proc`` file (``MemAvailable:`` of ``/proc/meminfo``, ``VmRSS:`` of ``/proc/self/status``), in bytes."""
+    with open(path) as fh:
         for line in fh:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def _available() -> int:
+    """MemAvailable of the machine in bytes."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable:")
 
 
 def _wait_for_memory(need: int, timeout: float = 1800.0) -> float:
@@ -92,11 +97,7 @@ def _wait_for_memory(need: int, timeout: float = 1800.0) -> float:
 
 
 def _rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    return _proc_bytes("/proc/self/status", "VmRSS:")
 
 
 class _PeakRSS:

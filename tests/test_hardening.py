@@ -52,9 +52,10 @@ def _dense(a) -> np.ndarray:
     return a.X.toarray() if sp.issparse(a.X) else np.asarray(a.X)
 
 
-def _mod(fn: Callable) -> Callable:
+def _mod(fn: Callable, base: Callable | None = None) -> Callable:
+    """A case input: a fresh ``base()`` table (default :func:`_base`) changed in place by ``fn``."""
     def make():
-        a = _base()
+        a = (base or _base)()
         fn(a)
         return a
     return make
@@ -478,11 +479,7 @@ def _untrained_align(a):
 
 
 def _xmod(fn: Callable) -> Callable:
-    def make():
-        a = _xbase()
-        fn(a)
-        return a
-    return make
+    return _mod(fn, _xbase)
 
 
 def _annotate(**kw):

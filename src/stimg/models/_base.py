@@ -38,6 +38,25 @@ _MODEL_CLASSES: dict[str, type] = {}
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol ≥ 2, zip (torch.save)
 
 
+#: Scalings of image features after centring them on the training spots (``standardize=`` of
+#: :class:`~stimg.models.NBRegressor` and :class:`~stimg.models.ContrastiveAligner`): ``'isotropic'``
+#: divides every feature by one scale, the mean per-feature SD — it keeps the encoder's geometry, so
+#: smooth, low-variance features (e.g. :func:`stimg.pp.spatial_context` blocks) are not blown up and
+#: a new section's shift stays small; ``'per_feature'`` gives z-scores.
+FEATURE_SCALES = {
+    "isotropic": lambda emb: np.full(emb.shape[1], float(emb.std(0).mean())),
+    "per_feature": lambda emb: emb.std(0),
+}
+
+
+def check_standardize(standardize: str) -> str:
+    """``standardize`` if it names a :data:`FEATURE_SCALES` entry, else a ``ValueError`` listing them."""
+    if standardize not in FEATURE_SCALES:
+        msg = f"standardize must be one of {sorted(FEATURE_SCALES)}, got {standardize!r}."
+        raise ValueError(msg)
+    return standardize
+
+
 # --------------------------------------------------------------------------- training defaults
 @dataclass(frozen=True)
 class TrainDefaults:

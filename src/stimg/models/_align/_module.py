@@ -10,8 +10,8 @@ import torch
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
+from .._base import FEATURE_SCALES, check_standardize
 from .._contrastive import ProjectionHead, l2_normalize, make_loss
-from .._nb._model import _FEATURE_SCALES as FEATURE_SCALES
 from ._constants import ALIGN_KEYS
 
 
@@ -57,10 +57,7 @@ class AlignModule(BaseModuleClass):
                  gene_std: np.ndarray | None = None, image_encoder: nn.Module | None = None,
                  standardize: str = "per_feature") -> None:
         super().__init__()
-        if standardize not in FEATURE_SCALES:
-            msg = f"standardize must be one of {sorted(FEATURE_SCALES)}, got {standardize!r}."
-            raise ValueError(msg)
-        self.standardize = standardize
+        self.standardize = check_standardize(standardize)
         #: optional trainable image encoder (LoRA ViT): the image input is then spot rows, whose
         #: uint8 patches come from ``patch_source(rows)`` (set by the model; not saved).
         self.image_encoder = image_encoder

@@ -22,8 +22,10 @@ from ..._prediction import ExpressionPrediction
 from ..._settings import settings
 from ..._validate import assert_key_in, check_matrix
 from .._base import (
+    FEATURE_SCALES,
     ModelIO,
     check_embedding,
+    check_standardize,
     check_trained,
     embedding_provenance,
     resolve_train_indices,
@@ -45,14 +47,6 @@ logger = logging.getLogger("stimg")
 _DEFAULT_EPOCHS = 300
 
 # input scaling of the features (centred per feature, then divided by these scales)
-_FEATURE_SCALES = {
-    # one scale for every feature (the mean per-feature SD): keeps the encoder's geometry, so smooth, low-variance
-    # features (e.g. si.pp.spatial_context blocks) are not blown up and a new section's shift stays small
-    "isotropic": lambda emb: np.full(emb.shape[1], float(emb.std(0).mean())),
-    "per_feature": lambda emb: emb.std(0),  # z-scores
-}
-
-
 def _history_to_json(history: dict[str, pd.DataFrame] | None) -> dict[str, Any] | None:
     if not history:
         return None
@@ -116,9 +110,7 @@ class NBRegressor(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
 
     def __init__(self, adata: AnnData, *, n_hidden: int = 256, n_layers: int = 1, dropout: float = 0.1,
                  seed: int | None = None, standardize: str = "isotropic"):
-        if standardize not in _FEATURE_SCALES:
-            msg = f"standardize must be one of {sorted(_FEATURE_SCALES)}, got {standardize!r}."
-            raise ValueError(msg)
+        check_standardize(standardize)
         super().__init__(adata)
         args = self.adata_manager.registry["setup_args"]
         emb = np.asarray(self.adata_manager.get_from_registry(NB_KEYS.EMB), dtype=np.float64)
@@ -137,7 +129,7 @@ class NBRegressor(ModelIO, UnsupervisedTrainingMixin, BaseModelClass):
             torch.manual_seed(seed)
             self.module = NBModule(
                 emb.shape[1], counts.shape[1], n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
-                use_library=use_library, feature_mean=emb.mean(0), feature_std=_FEATURE_SCALES[standardize](emb),
+                use_library=use_library, feature_mean=emb.mean(0), feature_std=FEATURE_SCALES[standardize](emb),
                 gene_mean=counts.mean(0), log_library_ref=log_ref,
             )
         self._set_summary(emb.shape[1], counts.shape[1], n_hidden, n_layers, use_library)

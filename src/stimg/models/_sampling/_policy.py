@@ -81,9 +81,7 @@ class SamplingPolicy(ModelIO, nn.Module):
 
     @torch.no_grad()
     def _scores_no_grad(self, x: torch.Tensor) -> torch.Tensor:
-        if len(x) <= self.chunk_size:
-            return self(x)
-        return torch.cat([self(x[i:i + self.chunk_size]) for i in range(0, len(x), self.chunk_size)])
+        return torch.cat([self(x[i:i + self.chunk_size]) for i in range(0, max(len(x), 1), self.chunk_size)])
 
     @torch.no_grad()
     def probabilities(self, emb, available: np.ndarray) -> np.ndarray:

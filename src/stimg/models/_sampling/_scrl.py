@@ -167,7 +167,8 @@ def run_scrl(emb: np.ndarray, xy: np.ndarray, groups: np.ndarray, budget: int, l
             nn_of = None
             if tree is not None:  # labels of unrevealed candidates: nearest revealed spot in image space
                 cand, inv = np.unique(np.concatenate(draws), return_inverse=True)  # one query per round
-                nn_of = np.split(revealed[tree.query(sur[cand], k=1, workers=-1)[1]][inv], np.cumsum([len(d) for d in draws])[:-1])
+                nn = revealed[tree.query(sur[cand], k=1, workers=-1)[1]][inv]
+                nn_of = np.split(nn, np.cumsum([len(d) for d in draws])[:-1])
             for j, d in enumerate(draws):
                 c = t = None
                 if nn_of is not None:
