@@ -64,6 +64,8 @@ def main() -> None:
                         "whose labels are expression clusters")
     p.add_argument("--context-um", type=float, default=0.0,
                    help="> 0: classify on si.pp.spatial_context features (own + neighbours' mean within this radius)")
+    p.add_argument("--train-kwargs", type=json.loads, default=None,
+                   help='JSON of SpotClassifier.train options, e.g. \'{"warm_start": false}\'')
     p.add_argument("--out", default="benchmarks/results/annotation_her2st")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -88,7 +90,8 @@ def main() -> None:
             emb_key = f"{EMBED_KEY}_context"
         c0, w0 = time.process_time(), time.perf_counter()
         res = si.tl.simulate_annotation(sub, key, rules=rules, n_rounds=args.rounds, n_new=n_new, seeds=args.seeds,
-                                        embedding_key=emb_key, expression=args.expression)
+                                        embedding_key=emb_key, expression=args.expression,
+                                        train_kwargs=args.train_kwargs)
         n_train = res.groupby(["rule", "seed"])["round"].nunique().sum()
         timing[sec] = {"cpu_s_per_round": (time.process_time() - c0) / n_train,
                        "wall_s": time.perf_counter() - w0, "n_spots": n_lab, "n_new": n_new,
@@ -127,7 +130,7 @@ def main() -> None:
         tab.round(4).to_csv(f"{out}.paired_{cand}.csv")
     meta = {"command": " ".join(sys.argv), "seeds": args.seeds, "rounds": args.rounds, "rules": rules,
             "features": EMBED_KEY + (f" + spatial context {args.context_um:g} µm" if args.context_um > 0 else "")
-            + (" + 1000 HVGs" if args.expression else ""), "threads": torch.get_num_threads(), "timing": timing, "verdict": verdict}
+            + (" + 1000 HVGs" if args.expression else ""), "train_kwargs": args.train_kwargs, "threads": torch.get_num_threads(), "timing": timing, "verdict": verdict}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1))
     print("\nactive ≥ random at rounds 2–5 (weighted F1, model on all spots):")
     for cand, secs in verdict["weighted_f1"].items():

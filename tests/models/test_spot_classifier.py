@@ -164,3 +164,39 @@ def test_provenance_is_checked_for_a_new_slide(adata, tmp_path):
         loaded.predict(other)
     other.uns["X_synthetic"]["params"]["encoder"] = "synthetic"
     assert len(loaded.predict(other)) == adata.n_obs
+
+
+def test_stratified_holdout_keeps_every_class_in_training():
+    from stimg.models._classifier import stratified_holdout
+
+    y = np.array([0] * 20 + [1] * 5 + [2] * 2)
+    fit, val = stratified_holdout(y, 0.1, seed=0)
+    assert np.intersect1d(fit, val).size == 0 and np.union1d(fit, val).size == y.size
+    assert np.bincount(y[val]).tolist() == [2, 1, 1]  # ceil(0.1 · n_k), at least one per class
+    assert set(y[fit]) == {0, 1, 2}
+    assert stratified_holdout(y, 0.1, seed=0)[1].tolist() == val.tolist()  # seeded
+    assert stratified_holdout(np.array([0, 0, 1]), 0.1, seed=0)[1].size == 0  # a class with one spot: no hold-out
+    assert stratified_holdout(y, 0.0, seed=0)[1].size == 0
+
+
+def test_validation_size_keeps_the_best_validation_epoch(adata):
+    m = si.models.SpotClassifier(adata, "label", embedding_key="X_synthetic", seed=0)
+    m.train(max_epochs=30, validation_size=0.2, progress=False)
+    h = m.history_[-1]
+    n_lab = int(adata.obs["label"].notna().sum())
+    assert h["n_validation"] == m.validation_indices_.size > 0 and h["n_train"] + h["n_validation"] == n_lab
+    assert 1 <= h["best_epoch"] <= 30
+    # the kept weights are those of the best epoch: their validation loss is the recorded minimum
+    from torch import nn
+
+    rows = m.validation_indices_
+    y = torch.as_tensor([m.classes_.index(c) for c in adata.obs["label"].to_numpy()[rows]])
+    x = torch.as_tensor(adata.obsm["X_synthetic"][rows], dtype=torch.float32)
+    with torch.no_grad():
+        loss = nn.CrossEntropyLoss(weight=torch.as_tensor(m.class_weights_))(m.module(x), y)
+    assert float(loss) == pytest.approx(h["validation_loss"], rel=1e-4)
+    # 0: no hold-out, all labelled spots trained on, final weights
+    m.train(max_epochs=5, progress=False)
+    assert m.history_[-1]["n_validation"] == 0 and m.history_[-1]["n_train"] == n_lab
+    with pytest.raises(ValueError, match="validation_size"):
+        m.train(max_epochs=1, validation_size=0.9, progress=False)

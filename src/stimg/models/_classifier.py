@@ -96,6 +96,24 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return w.astype(np.float32)
 
 
+def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(fit, validation)`` of ``y``: ``ceil(fraction · n_k)`` spots of each class held out.
+
+    Nothing is held out (``validation`` empty) when ``fraction`` is 0 or a class has fewer
+    than two spots, so that every class stays in the training set.
+    """
+    y = np.asarray(y)
+    allpos = np.arange(len(y))
+    counts = np.unique(y, return_counts=True)[1]
+    if fraction <= 0 or (counts < 2).any():
+        return allpos, allpos[:0]
+    rng = np.random.default_rng([int(seed), 104729])
+    val = [rng.permutation(np.flatnonzero(y == c))[: int(np.ceil(fraction * k))]
+           for c, k in zip(np.unique(y), counts, strict=True)]
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(allpos, val), val
+
+
 def _label_strings(col: pd.Series, labels_key: str) -> pd.Series:
     """Labels as strings with missing values kept missing; empty strings are refused."""
     s = col.astype(object).where(col.notna(), None)
@@ -314,6 +332,7 @@ class SpotClassifier(ModelIO):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warm_start: bool = True,
+        validation_size: float = 0.0,
     ) -> None:
         """Fit on the labelled spots with class-weighted cross-entropy (Adam, minibatches).
 
@@ -341,6 +360,12 @@ class SpotClassifier(ModelIO):
             L2 penalty.
         warm_start
             Continue from the current weights; ``False`` re-initialises them.
+        validation_size
+            ActiveVisium's model selection: hold out this fraction of each class's training spots
+            (at least one; drawn with ``seed``), train on the rest and keep the weights of the
+            epoch with the lowest validation loss (the same class-weighted cross-entropy). Used
+            only when every class has at least two training spots; otherwise all spots are
+            trained on and the final weights kept (logged). ``0`` (default): no hold-out.
 
         Examples
         --------
@@ -355,6 +380,10 @@ class SpotClassifier(ModelIO):
         if max_epochs < 1 or int(batch_size) < 1 or not lr > 0 or weight_decay < 0:
             msg = (f"max_epochs and batch_size must be ≥ 1, lr > 0, weight_decay ≥ 0; got {max_epochs}, {batch_size}, "
                    f"{lr}, {weight_decay}.")
+            raise ValueError(msg)
+        if isinstance(validation_size, bool) or not 0 <= float(validation_size) <= 0.5:
+            msg = (f"validation_size must be a fraction in [0, 0.5] of each class's training spots, got "
+                   f"{validation_size!r}.")
             raise ValueError(msg)
         device = self._device(td.accelerator, td.devices)
         adata = self.adata
@@ -393,21 +422,28 @@ class SpotClassifier(ModelIO):
         weights = class_weights(y.numpy(), len(self.classes_))
         if missing := [c for c, w in zip(self.classes_, weights, strict=True) if w == 0]:
             logger.info("SpotClassifier: no labelled spot of class(es) %s this round", missing)
+        fit, val = stratified_holdout(y.numpy(), float(validation_size), td.seed)
+        if float(validation_size) > 0 and not val.size:
+            logger.info("SpotClassifier: a class has fewer than two training spots; training on all %d spots, "
+                        "keeping the final weights", len(rows))
         x_img, x_expr = self._inputs(adata)
         x_img = x_img[rows].to(device)
         x_expr = None if x_expr is None else x_expr[rows].to(device)
         y = y.to(device)
         module = self.module.to(device)
+        if val.size:  # class weights from the spots trained on
+            weights = class_weights(y.cpu().numpy()[fit], len(self.classes_))
         loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weights, device=device))
         opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
-        n = len(rows)
-        losses = []
+        fit_t, val_t = torch.as_tensor(fit, device=device), torch.as_tensor(val, device=device)
+        n = len(fit)
+        losses, best = [], (np.inf, -1, None)
         show = settings.progress if progress is None else progress
-        with torch_threads(n), torch.random.fork_rng(devices=[]):
+        with torch_threads(len(rows)), torch.random.fork_rng(devices=[]):
             torch.manual_seed(td.seed)
-            module.train()
-            for _ in progress_bar(range(max_epochs), desc="SpotClassifier", progress=show, leave=False):
-                perm = torch.randperm(n, generator=gen).to(device)
+            for epoch in progress_bar(range(max_epochs), desc="SpotClassifier", progress=show, leave=False):
+                module.train()
+                perm = fit_t[torch.randperm(n, generator=gen).to(device)]
                 tot = 0.0
                 for i in range(0, n, int(batch_size)):
                     b = perm[i:i + int(batch_size)]
@@ -417,18 +453,29 @@ class SpotClassifier(ModelIO):
                     opt.step()
                     tot += float(loss.detach()) * len(b)
                 losses.append(tot / n)
+                if val.size:
+                    module.eval()
+                    with torch.no_grad():
+                        v = float(loss_fn(module(x_img[val_t], None if x_expr is None else x_expr[val_t]), y[val_t]))
+                    if v < best[0]:
+                        best = (v, epoch, {k: t.detach().clone() for k, t in module.state_dict().items()})
             module.eval()
         if not np.isfinite(losses[-1]):
             msg = "Training diverged (non-finite loss); lower lr= or check the embedding for extreme values."
             raise FloatingPointError(msg)
+        if best[2] is not None:
+            module.load_state_dict(best[2])
         self.module = module.cpu()
         self.is_trained_ = True
         self.n_rounds_ += 1
         self.class_weights_ = weights
         self.train_indices_ = rows
+        self.validation_indices_ = rows[val]
         secs = time.perf_counter() - start
-        self.history_.append({"round": self.n_rounds_, "n_train": int(n), "n_classes": int(len(present)),
-                              "epochs": max_epochs, "loss": float(losses[-1]), "seconds": float(secs)})
+        self.history_.append({"round": self.n_rounds_, "n_train": int(n), "n_validation": int(val.size),
+                              "n_classes": int(len(present)), "epochs": max_epochs, "loss": float(losses[-1]),
+                              "best_epoch": int(best[1]) + 1 if val.size else max_epochs,
+                              "validation_loss": float(best[0]) if val.size else None, "seconds": float(secs)})
         logger.debug("SpotClassifier: %d spots, %d classes, %d epochs, loss %.3f (%.2fs)", n, len(present),
                      max_epochs, losses[-1], secs)
 
