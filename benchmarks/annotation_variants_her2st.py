@@ -6,6 +6,9 @@ Registers, then runs the HER2ST annotation benchmark with the same options (pass
 - ``lc_w{f}``: pool = max(top 5 %, f · n_new) most uncertain; k-means weighted by the
   least-confidence score (Zhdanov 2019, "Diverse mini-batch active learning"); nearest to each centroid.
 - ``lc_mu{f}``: the same pool; plain k-means; the most uncertain spot of each cluster.
+- ``lc_id``: information density (Settles & Craven 2008): the ``n_new`` candidates with the highest
+  least-confidence × mean cosine similarity to all candidates (model latent space), i.e. uncertain
+  spots in dense regions rather than outliers.
 
     OMP_NUM_THREADS=1 STIMG_BENCH_CACHE=/work/cache/bench_embed python benchmarks/annotation_variants_her2st.py \\
         --rules least_confidence random lc_w3 lc_mu2 lc_mu3 --seeds 0 1 2 3 4 --rounds 6 \\
@@ -51,6 +54,20 @@ class PoolClusterRule(AnnotationRule):
                            if m.size], dtype=np.int64)
 
 
+class DensityWeightedRule(AnnotationRule):
+    """Least-confidence × mean cosine similarity to the candidates (information density, β = 1)."""
+
+    def select(self, ctx, n_new, rng):  # noqa: D102
+        cand = np.asarray(ctx.candidates)
+        x = np.asarray(ctx.features, dtype=np.float64)[cand]
+        x = x - x.mean(0)
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        density = (x @ x.mean(0) + 1) / 2  # mean cosine similarity, mapped to [0, 1]
+        s = least_confidence(ctx.proba[cand]) * density
+        return cand[np.lexsort((rng.random(len(cand)), -s))[:n_new]]
+
+
+register_annotation_rule("lc_id", DensityWeightedRule(), overwrite=True)
 for f in (2, 3):
     register_annotation_rule(f"lc_w{f}", PoolClusterRule(f, weighted=True, pick_most_uncertain=False), overwrite=True)
     register_annotation_rule(f"lc_mu{f}", PoolClusterRule(f, weighted=False, pick_most_uncertain=True), overwrite=True)
