@@ -200,3 +200,16 @@ def test_validation_size_keeps_the_best_validation_epoch(adata):
     assert m.history_[-1]["n_validation"] == 0 and m.history_[-1]["n_train"] == n_lab
     with pytest.raises(ValueError, match="validation_size"):
         m.train(max_epochs=1, validation_size=0.9, progress=False)
+
+
+def test_class_weight_none_is_plain_cross_entropy(adata):
+    y = np.array([0, 0, 0, 1, 2, 2])
+    np.testing.assert_allclose(class_weights(y, 4, balanced=False), [1, 1, 1, 0])
+    m = si.models.SpotClassifier(adata, "label", embedding_key="X_synthetic", seed=0)
+    m.train(max_epochs=2, class_weight=None, progress=False)
+    present = m.class_weights_ > 0
+    np.testing.assert_array_equal(m.class_weights_[present], 1.0)
+    m.train(max_epochs=2, progress=False)  # default: balanced again
+    assert len(np.unique(m.class_weights_[m.class_weights_ > 0])) > 1
+    with pytest.raises(ValueError, match="class_weight"):
+        m.train(max_epochs=1, class_weight="inverse", progress=False)
