@@ -9,6 +9,8 @@ Registers, then runs the HER2ST annotation benchmark with the same options (pass
 - ``lc_id``: information density (Settles & Craven 2008): the ``n_new`` candidates with the highest
   least-confidence × mean cosine similarity to all candidates (model latent space), i.e. uncertain
   spots in dense regions rather than outliers.
+- ``coverage``: no uncertainty: k-means (``n_new`` clusters) over all candidates in the model's
+  latent space, the candidate nearest each centroid (representative spots, like the initial set).
 
     OMP_NUM_THREADS=1 STIMG_BENCH_CACHE=/work/cache/bench_embed python benchmarks/annotation_variants_her2st.py \\
         --rules least_confidence random lc_w3 lc_mu2 lc_mu3 --seeds 0 1 2 3 4 --rounds 6 \\
@@ -67,7 +69,17 @@ class DensityWeightedRule(AnnotationRule):
         return cand[np.lexsort((rng.random(len(cand)), -s))[:n_new]]
 
 
+class CoverageRule(AnnotationRule):
+    """k-means over all candidates (model latent space), the candidate nearest each centroid."""
+
+    def select(self, ctx, n_new, rng):  # noqa: D102
+        from stimg.tl._annotation_rules import diverse_centroids
+
+        return diverse_centroids(ctx.features, np.asarray(ctx.candidates), n_new, rng)
+
+
 register_annotation_rule("lc_id", DensityWeightedRule(), overwrite=True)
+register_annotation_rule("coverage", CoverageRule(), overwrite=True)
 for f in (2, 3):
     register_annotation_rule(f"lc_w{f}", PoolClusterRule(f, weighted=True, pick_most_uncertain=False), overwrite=True)
     register_annotation_rule(f"lc_mu{f}", PoolClusterRule(f, weighted=False, pick_most_uncertain=True), overwrite=True)
