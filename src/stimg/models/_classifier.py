@@ -340,7 +340,7 @@ class SpotClassifier(ModelIO):
     ) -> None:
         """Fit on the labelled spots with class-weighted cross-entropy (Adam, minibatches).
 
-        Class weights are the inverse class frequencies of the training spots (``class_weight``), recomputed at
+        Class weights (``class_weight``) are the inverse class frequencies of the training spots, recomputed at
         every call. A second call continues from the current weights (``warm_start``) and
         grows the output layer when new classes appear.
 
