@@ -263,9 +263,9 @@ def annotate(
         0.47–0.61 on C2–C6's expression clusters.
     expression
         Expression branch of a new model: ``False``, ``True`` (1,000 HVGs) or an ``.obsm`` key
-        (see :class:`~stimg.models.SpotClassifier`). In simulated annotation on HER2ST (10 seeds)
+        (see :class:`~stimg.models.SpotClassifier`). In simulated annotation on HER2ST (20 seeds)
         with ``True``, least-confidence beat random at every round 2–5 on A1 and C2–C6 (mean gain
-        +0.038 weighted F1; on C2–C6 the labels are expression clusters, so this is circular
+        +0.036 weighted F1; on C2–C6 the labels are expression clusters, so this is circular
         there), while on A1 the 1,000 HVGs lowered the first round's F1 from 0.82 to 0.73.
     layer
         Raw-count layer for ``expression=True``.
