@@ -774,7 +774,7 @@ CASES += [
     Case("sampler-none", "tl.active_sample", "sampler returns None", _base,
          _sampler_returning(lambda ctx: None), (TypeError, "returned None|integer")),
     Case("sampler-raises", "tl.active_sample", "sampler raises", _base,
-         _sampler_returning(lambda ctx: 1 / 0), (ZeroDivisionError, "")),
+         _sampler_returning(lambda ctx: 1 / 0), (ZeroDivisionError, "division by zero")),
     Case("sampler-nan-xy", "tl.active_sample", "registered sampler, NaN spot coordinates", _mod(_nan_xy),
          _registered(5), _NONFINITE),
     Case("sampler-empty", "tl.active_sample", "registered sampler, table with 0 spots", _empty_obs, _registered(5),
