@@ -131,6 +131,16 @@ def test_annotation_rounds_write_and_warm_start(adata):
     assert acc > 0.6
 
 
+def test_train_kwargs_reach_the_classifier(adata):
+    truth = adata.obs["cell_type"].astype(str)
+    adata.obs["pathologist"] = truth.where(pd.Series(np.arange(adata.n_obs) % 3 == 0, index=adata.obs_names))
+    res = si.tl.annotate(adata, "pathologist", n_new=10, seed=0, max_epochs=5,
+                         train_kwargs={"validation_size": 0.2, "class_weight": None})
+    h = res.model.history_[-1]
+    assert h["n_validation"] > 0 and h["n_train"] + h["n_validation"] == 80 and h["epochs"] == 5
+    assert set(res.model.class_weights_[res.model.class_weights_ > 0]) == {1.0}
+
+
 def test_nothing_written_on_failure(adata):
     adata.obs["pathologist"] = adata.obs["cell_type"].astype(str).where(np.arange(adata.n_obs) % 4 == 0)
     before = _snapshot(adata)
