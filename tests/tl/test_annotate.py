@@ -215,6 +215,8 @@ def test_simulate_annotation_returns_the_tidy_frame(adata):
     ax = si.pl.annotation_curve(res, metric="weighted_f1")
     assert len(ax.get_legend().get_texts()) == 3
     ax = si.pl.annotation_curve(res, metric="misclassified_pct", x="n_labelled", rules=["random"])
+    ax = si.pl.annotation_curve(res, capsize=0, marker="s")  # user styles override the defaults
+    assert ax.lines[0].get_marker() == "s"
     with pytest.raises(KeyError, match="not in results"):
         si.pl.annotation_curve(res, rules=["margin"])
 

@@ -85,7 +85,8 @@ def annotation_curve(
         g = sub[sub["rule"] == r].groupby("round")
         mean, sd = g["value"].mean(), g["value"].std(ddof=1).fillna(0.0)
         xs = mean.index.to_numpy(dtype=float) if x == "round" else g["n_labelled"].mean().to_numpy(dtype=float)
-        ax.errorbar(xs, mean.to_numpy(), yerr=sd.to_numpy(), marker="o", ms=4, capsize=3, label=r, **kwargs)
+        ax.errorbar(xs, mean.to_numpy(), yerr=sd.to_numpy(), **{"marker": "o", "ms": 4, "capsize": 3, "label": r,
+                                                                 **kwargs})
     ax.set_xlabel("round" if x == "round" else "labelled spots")
     ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
     ax.legend(frameon=False, fontsize="small")
