@@ -107,12 +107,12 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
     """
     y = np.asarray(y)
     allpos = np.arange(len(y))
-    counts = np.unique(y, return_counts=True)[1]
+    classes, counts = np.unique(y, return_counts=True)
     if fraction <= 0 or (counts < 2).any():
         return allpos, allpos[:0]
     rng = np.random.default_rng([int(seed), 104729])
     val = [rng.permutation(np.flatnonzero(y == c))[: int(np.ceil(fraction * k))]
-           for c, k in zip(np.unique(y), counts, strict=True)]
+           for c, k in zip(classes, counts, strict=True)]
     val = np.sort(np.concatenate(val))
     return np.setdiff1d(allpos, val), val
 
@@ -440,21 +440,19 @@ class SpotClassifier(ModelIO):
         self._grow_classes(y_str, gen)
         cls_index = {c: i for i, c in enumerate(self.classes_)}
         y = torch.as_tensor(np.array([cls_index[c] for c in y_str]), dtype=torch.long)
-        balanced = class_weight == "balanced"
-        weights = class_weights(y.numpy(), len(self.classes_), balanced=balanced)
-        if missing := [c for c, w in zip(self.classes_, weights, strict=True) if w == 0]:
-            logger.info("SpotClassifier: no labelled spot of class(es) %s this round", missing)
         fit, val = stratified_holdout(y.numpy(), float(validation_size), td.seed)
         if float(validation_size) > 0 and not val.size:
             logger.info("SpotClassifier: a class has fewer than two training spots; training on all %d spots, "
                         "keeping the final weights", len(rows))
+        # from the spots trained on (the hold-out leaves every class at least one of them)
+        weights = class_weights(y.numpy()[fit], len(self.classes_), balanced=class_weight == "balanced")
+        if missing := [c for c, w in zip(self.classes_, weights, strict=True) if w == 0]:
+            logger.info("SpotClassifier: no labelled spot of class(es) %s this round", missing)
         x_img, x_expr = self._inputs(adata)
         x_img = x_img[rows].to(device)
         x_expr = None if x_expr is None else x_expr[rows].to(device)
         y = y.to(device)
         module = self.module.to(device)
-        if val.size:  # class weights from the spots trained on
-            weights = class_weights(y.cpu().numpy()[fit], len(self.classes_), balanced=balanced)
         loss_fn = nn.CrossEntropyLoss(weight=torch.as_tensor(weights, device=device))
         opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
         fit_t, val_t = torch.as_tensor(fit, device=device), torch.as_tensor(val, device=device)

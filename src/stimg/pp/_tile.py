@@ -86,9 +86,14 @@ def _pyramid_coverage(levels: list[Any], xy: np.ndarray, tile_px: float, working
     The tissue mask comes from the lazy slide's pyramid ``levels`` (:func:`_working_rgb`); with
     ``client=`` this runs in a dask worker, which reads the pixels.
     """
+    small, stride = _working_rgb(levels, working_mpp, mpp)
+    return _rgb_coverage(small, stride, xy, tile_px)
+
+
+def _rgb_coverage(small: np.ndarray, stride: float, xy: np.ndarray, tile_px: float) -> tuple[np.ndarray, float]:
+    """Tissue fraction of the tiles from a reduced RGB image (``stride`` full-resolution px per pixel); Otsu threshold."""
     from ._tissue import _coverage, mask_from_rgb
 
-    small, stride = _working_rgb(levels, working_mpp, mpp)
     mask, thr = mask_from_rgb(small)
     return _coverage(mask, xy / stride, tile_px / 2 / stride, square=True), thr
 
@@ -179,7 +184,6 @@ def tile_image(
     from ..io._convert import HIRES_MAX_SIDE
     from ..io._image import downsample, read_image
     from ..io._wsi import WSI_ATTRS
-    from ._tissue import _coverage, mask_from_rgb
 
     start = time.perf_counter()
     sdata = image if is_spatialdata(image) else None
@@ -238,8 +242,7 @@ def tile_image(
             cov, thr = _pyramid_coverage(levels, xy, tile_px, working_mpp, mpp)
     else:
         stride = max(1, int(round(working_mpp / mpp)))
-        mask, thr = mask_from_rgb(img[::stride, ::stride])
-        cov = _coverage(mask, xy / stride, tile_px / 2 / stride, square=True)
+        cov, thr = _rgb_coverage(img[::stride, ::stride], stride, xy, tile_px)
     keep = cov >= min_tissue
     if not keep.any():
         msg = (f"No tile has ≥ {min_tissue:.0%} tissue (best {cov.max():.0%}); lower min_tissue or check the image "
